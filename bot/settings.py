@@ -1,0 +1,228 @@
+"""Yanray's one `Settings`: a `yanray.toml` file plus `YANRAY_*` environment variables.
+
+Precedence, highest first: environment variables, the TOML file, the defaults here.
+The TOML file's keys are the setting names in lower case without the prefix
+(`max_new_tokens = 256`). Secrets (bot tokens, API keys, webhook secret) are read only
+from the environment: a secret in the TOML file stops start-up, because config files
+end up in backups and repositories.
+
+List settings (`YANRAY_TOOLS`, `YANRAY_ALLOWED_USERS`, ...) are comma-separated in the
+environment and TOML arrays (or the same comma-separated string) in the file.
+
+`load_settings()` turns every validation failure into one `ConfigError` line naming the
+setting, the value and what is allowed, and warns about unknown `YANRAY_*` names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from yanray.bot.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "YANRAY_"
+SECRET_FIELDS = frozenset({"openai_api_key", "telegram_token", "telegram_webhook_secret", "discord_token"})
+DEFAULT_MODEL = "THUDM/chatglm3-6b-32k"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Yanray, a helpful, honest and concise personal assistant. "
+    "Answer in the language the user writes in."
+)
+
+# The TOML file of the construction in progress (set by load_settings, read by the sources hook).
+_TOML_PATH: ContextVar[Path | None] = ContextVar("yanray_toml_path", default=None)
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting Yanray reads. The README's settings table lists the same names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        case_sensitive=False,
+    )
+
+    # -- core --------------------------------------------------------------------------
+    data_dir: Path = Path("./data")
+    database_url: str = ""  # empty: sqlite+aiosqlite:///<data_dir>/yanray.db
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # -- engine ------------------------------------------------------------------------
+    engine: Literal["local", "openai"] = "local"
+    model: str = DEFAULT_MODEL
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_context: int = Field(default=0, ge=0)  # 0: the model's own
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_model: str = "chatglm3-6b-32k"
+    openai_api_key: SecretStr | None = None
+    openai_timeout: float = Field(default=120.0, gt=0)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    max_new_tokens: int = Field(default=1024, ge=1, le=32768)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    # -- tools and the request queue ----------------------------------------------------
+    tools: CommaList = Field(default_factory=lambda: ["calculate"])
+    tool_rounds: int = Field(default=4, ge=0, le=16)
+    request_timeout: float = Field(default=300.0, gt=0)
+    queue_max: int = Field(default=200, ge=1)
+    queue_per_conversation: int = Field(default=5, ge=1)
+
+    # -- access ------------------------------------------------------------------------
+    allowed_users: CommaList = Field(default_factory=list)  # "telegram:123", "discord:456"; empty = all
+    admins: CommaList = Field(default_factory=list)
+    rate_limit_per_minute: int = Field(default=20, ge=0)  # 0: no limit
+
+    # -- telegram ----------------------------------------------------------------------
+    telegram_token: SecretStr | None = None
+    telegram_base_url: str = "https://api.telegram.org/bot"
+    telegram_webhook_url: str = ""
+    telegram_webhook_listen: str = "127.0.0.1"
+    telegram_webhook_port: int = Field(default=8443, ge=1, le=65535)
+    telegram_webhook_secret: SecretStr | None = None
+    telegram_group_mode: Literal["per_user", "shared"] = "per_user"
+    telegram_edit_interval: float = Field(default=1.5, ge=0.0)
+
+    # -- discord -----------------------------------------------------------------------
+    discord_token: SecretStr | None = None
+    discord_message_content: bool = False
+    discord_api_base: str = "https://discord.com/api/v10"
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
+    discord_channel_mode: Literal["per_user", "shared"] = "per_user"
+    discord_guild_id: int | None = None
+    discord_edit_interval: float = Field(default=1.0, ge=0.0)
+    discord_allowed_guilds: CommaList = Field(default_factory=list)
+    discord_allowed_channels: CommaList = Field(default_factory=list)
+    discord_allowed_roles: CommaList = Field(default_factory=list)
+
+    @field_validator(
+        "tools", "allowed_users", "admins", "discord_allowed_guilds", "discord_allowed_channels",
+        "discord_allowed_roles", mode="before",
+    )
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("allowed_users", "admins")
+    @classmethod
+    def _platform_ids(cls, value: list[str]) -> list[str]:
+        for item in value:
+            platform, _, ident = item.partition(":")
+            if platform not in ("telegram", "discord", "console") or not ident:
+                raise ValueError(f"{item!r} is not platform:id (platform telegram, discord or console)")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _known_tools(cls, value: list[str]) -> list[str]:
+        from yanray.bot.tools import TOOL_NAMES  # the registry lives with the tools
+
+        unknown = [name for name in value if name not in TOOL_NAMES]
+        if unknown:
+            raise ValueError(f"unknown tool {unknown[0]!r}; known: {', '.join(sorted(TOOL_NAMES))}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = _TOML_PATH.get()
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'yanray.db').resolve()}"
+
+    def secret(self, name: str) -> str | None:
+        value = getattr(self, name)
+        return value.get_secret_value() if value is not None else None
+
+
+def _check_toml(path: Path) -> None:
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    for key in data:
+        if key.lower() in SECRET_FIELDS:
+            env = ENV_PREFIX + key.upper()
+            raise ConfigError(f"config file {path}: {key} is a secret; set {env} in the environment instead")
+
+
+def _describe(error: Mapping[str, Any], toml: Path | None, environ: Mapping[str, str]) -> str:
+    field = str(error["loc"][0]) if error["loc"] else "settings"
+    env = ENV_PREFIX + field.upper()
+    where = env if env in environ or toml is None else f"{env} (or {field} in {toml})"
+    value = error.get("input")
+    if field in SECRET_FIELDS:
+        value = "<secret>"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{field} in {toml}: not a Yanray setting"
+    return f"{where}={value!r}: {message}"
+
+
+def load_settings(config: Path | None = None) -> Settings:
+    """Build the settings from `config` (or `$YANRAY_CONFIG`, or `./yanray.toml` if present).
+
+    Raises `ConfigError` with one line for the first bad setting.
+    """
+    environ = os.environ
+    if config is None and environ.get("YANRAY_CONFIG"):
+        config = Path(environ["YANRAY_CONFIG"])
+    elif config is None and Path("yanray.toml").is_file():
+        config = Path("yanray.toml")
+    if config is not None:
+        if not config.is_file():
+            raise ConfigError(f"config file {config}: no such file")
+        _check_toml(config)
+
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {"YANRAY_CONFIG"}
+    for name in sorted(environ):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+            logger.warning("%s is not a Yanray setting (a typo?); it is ignored", name)
+
+    token = _TOML_PATH.set(config)
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], config, environ)) from None
+    finally:
+        _TOML_PATH.reset(token)

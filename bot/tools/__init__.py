@@ -1,0 +1,42 @@
+"""Tools the model may call between generation rounds, and their registry.
+
+A tool is a name, a one-line usage for the system prompt, a JSON-schema description for
+models with a native tool format (ChatGLM3), and an async handler that takes the
+call's arguments and returns text. A handler raises `ToolError` for bad input; its
+message goes back to the model as the observation. Tools only ever run on model
+output, never on text a user typed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from yanray.engine.base import ToolSpec
+
+#: every tool Yanray has, by the name `YANRAY_TOOLS` uses
+TOOL_NAMES = frozenset({"calculate"})
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class Tool:
+    spec: ToolSpec
+    handler: Handler
+    #: the argument the slash dialect's text after the command goes into
+    slash_argument: str
+    timeout: float = 10.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def build_tools(names: list[str]) -> dict[str, Tool]:
+    """The enabled tools, by name, in the order given."""
+    from yanray.bot.tools.calculator import calculator_tool
+
+    factories: dict[str, Callable[[], Tool]] = {"calculate": calculator_tool}
+    return {name: factories[name]() for name in names}

@@ -1,0 +1,96 @@
+"""The platform-neutral values and contracts between adapters and the core.
+
+An adapter turns a platform event into one `Incoming` and hands it to the dispatcher
+together with a `ReplyStream`: the adapter's way of answering that one message. The
+dispatcher answers commands through it at once; for a question it stores the request,
+enqueues it, and the engine worker later streams the answer through the same stream.
+
+`route` is what the adapter needs to answer again later, after a restart (for example
+the chat id and the message id to reply to). It is stored with the request as JSON, and
+`Adapter.reopen(route)` turns it back into a `ReplyStream` for a recovered request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+Route = Mapping[str, Any]  # JSON-serialisable
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One message for Yanray, whatever platform it came from."""
+
+    platform: str  # "telegram", "discord", "console"
+    chat_id: str
+    user_id: str
+    display_name: str
+    text: str
+    message_id: str | None = None
+    reply_to: str | None = None  # platform id of the message this one replies to
+    is_private: bool = True
+    is_mention: bool = False
+    #: the whole chat shares one conversation (group "shared" mode) instead of one per user
+    shared: bool = False
+    #: adapter data needed to answer this message again after a restart
+    route: Route = field(default_factory=dict)
+    #: the platform's role ids of the sender (Discord allowlists); empty elsewhere
+    roles: tuple[str, ...] = ()
+
+    @property
+    def conversation_user(self) -> str:
+        """The user part of the conversation key: "" when the chat shares one conversation."""
+        return "" if self.shared else self.user_id
+
+
+@runtime_checkable
+class ReplyStream(Protocol):
+    """How the core answers one incoming message. The adapter owns throttling and splitting.
+
+    The core calls, for a command: `send` once. For a question: optionally `queued`
+    (repeatedly, as the position changes), `started`, `progress` any number of times
+    with the whole reply so far, and finally exactly one of `finish` (the complete reply)
+    or `fail` (one line saying what went wrong and what to do). A `queued` notice may
+    become the answer: the adapter decides (for example by editing that message).
+    """
+
+    async def send(self, text: str) -> None:
+        """A complete one-off answer (command output, refusal, busy notice)."""
+        ...
+
+    async def queued(self, position: int) -> None:
+        """The request waits; `position` 1 means it is next."""
+        ...
+
+    async def started(self) -> None:
+        """Generation starts (show "typing")."""
+        ...
+
+    async def progress(self, text: str) -> None:
+        """The reply so far (the whole text, not a delta). Called often; must be cheap."""
+        ...
+
+    async def finish(self, text: str) -> None:
+        """The complete reply. Every character must reach the user, split as needed."""
+        ...
+
+    async def fail(self, text: str) -> None:
+        """The request failed; `text` is one line for the user."""
+        ...
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """A platform front end, started and stopped by the entry point."""
+
+    platform: str
+
+    def reopen(self, route: Route) -> ReplyStream:
+        """A stream that answers a stored request (after a restart) at `route`."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...

@@ -1,0 +1,115 @@
+"""The engine protocol: what the engine worker needs from any language-model backend.
+
+A backend (`local` transformers in-process, `openai` over HTTP) offers an `Engine` that
+starts `EngineSession`s. A session is one conversation being answered: it is started from
+the prompt's messages, generates text in rounds (streaming pieces to a callback), and
+between rounds takes an appended message (a tool's observation). A local session keeps
+its KV cache across rounds, so only the appended tokens are prefilled.
+
+Stops: a round ends at the model's own end of turn, at `max_new_tokens`, when the cancel
+flag is set, when one of the literal `stop` strings appears, or when `stop_at(text)`
+returns a cut position (the tool loop uses this to stop at the end of a `/calculate`
+line). `stop_at` is called from the engine's thread, so it must be a pure function.
+
+Message roles follow ChatGLM3: system, user, assistant, observation. `name` is the
+metadata line: the tool name of an assistant's native tool call, or of an observation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Role = Literal["system", "user", "assistant", "observation"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_call"]
+
+
+class EngineError(Exception):
+    """The model could not answer this request; `str()` is one line for the user."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached or loaded at all."""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool as the model is told about it."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]  # JSON schema of the arguments (ChatGLM3 native format)
+    usage: str  # the one slash line shown in the system prompt, e.g. "/calculate <expression>"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call the engine recognised in the model's own dialect (ChatGLM3 native)."""
+
+    name: str
+    arguments: Mapping[str, Any]
+
+
+@dataclass
+class GenerateOptions:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 means greedy and deterministic
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    stop_at: Callable[[str], int | None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One round's result. `text` is what the model said this round, cut at a stop."""
+
+    text: str
+    finish: FinishReason
+    tool_call: ToolCall | None = None
+    prompt_tokens: int = 0  # tokens prefilled for this round (new tokens only, with a kept cache)
+    new_tokens: int = 0
+
+
+TextCallback = Callable[[str], None]
+
+
+@runtime_checkable
+class EngineSession(Protocol):
+    async def generate(self, options: GenerateOptions, on_text: TextCallback | None = None) -> Generation:
+        """Generate one round; `on_text` receives each new piece of text on the event loop."""
+        ...
+
+    async def append(self, message: ChatMessage) -> None:
+        """Append a message (usually an observation) after the last round."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    #: total tokens the model may see, prompt and reply together
+    max_context: int
+    #: whether the model has its own tool-call format (then tools are described natively)
+    native_tools: bool
+
+    def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
+        """Tokens the prompt for these messages takes, counted as the model counts them."""
+        ...
+
+    async def start(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> EngineSession:
+        """Start a session; `tools` are described to the model (native dialect) when supported."""
+        ...
+
+    async def aclose(self) -> None: ...
