@@ -12,8 +12,14 @@ from yanray.engine.base import EngineError, EngineUnavailable
 from yanray.storage.db import StorageError
 
 __all__ = [
-    "ConfigError", "ContextTooLong", "EngineError", "EngineUnavailable", "QueueFull",
-    "StorageError", "ToolError", "YanrayError",
+    "ConfigError",
+    "ContextTooLong",
+    "EngineError",
+    "EngineUnavailable",
+    "QueueFull",
+    "StorageError",
+    "ToolError",
+    "YanrayError",
 ]
 
 

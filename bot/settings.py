@@ -119,8 +119,13 @@ class Settings(BaseSettings):
     discord_allowed_roles: CommaList = Field(default_factory=list)
 
     @field_validator(
-        "tools", "allowed_users", "admins", "discord_allowed_guilds", "discord_allowed_channels",
-        "discord_allowed_roles", mode="before",
+        "tools",
+        "allowed_users",
+        "admins",
+        "discord_allowed_guilds",
+        "discord_allowed_channels",
+        "discord_allowed_roles",
+        mode="before",
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -131,8 +136,8 @@ class Settings(BaseSettings):
     def _platform_ids(cls, value: list[str]) -> list[str]:
         for item in value:
             platform, _, ident = item.partition(":")
-            if platform not in ("telegram", "discord", "console") or not ident:
-                raise ValueError(f"{item!r} is not platform:id (platform telegram, discord or console)")
+            if not platform.isalpha() or not ident:
+                raise ValueError(f"{item!r} is not platform:id, e.g. telegram:123456 or discord:987654")
         return value
 
     @field_validator("tools")

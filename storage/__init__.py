@@ -1,1 +1,11 @@
-"""storage"""
+"""Storage: SQLAlchemy 2 async models, data-access functions and Alembic migrations.
+
+The only package that imports SQLAlchemy. Others use `Database.transaction()` and the
+keyword-only functions in `crud`.
+"""
+
+from yanray.storage import crud
+from yanray.storage.db import Database, StorageError
+from yanray.storage.models import Conversation, Message, Request, User
+
+__all__ = ["Conversation", "Database", "Message", "Request", "StorageError", "User", "crud"]

@@ -36,6 +36,8 @@ class Tool:
 
 def build_tools(names: list[str]) -> dict[str, Tool]:
     """The enabled tools, by name, in the order given."""
+    if not names:
+        return {}
     from yanray.bot.tools.calculator import calculator_tool
 
     factories: dict[str, Callable[[], Tool]] = {"calculate": calculator_tool}

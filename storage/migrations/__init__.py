@@ -1,1 +1,1 @@
-"""storage/migrations"""
+"""Alembic migrations of Yanray's schema."""

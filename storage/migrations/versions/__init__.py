@@ -1,1 +1,1 @@
-"""storage/migrations/versions"""
+"""Schema revisions."""

@@ -1,0 +1,120 @@
+"""The terminal adapter behind `yanray chat`: one user, platform `console`.
+
+In a terminal it prompts, and streams each reply as it is generated. When standard
+input is not a terminal it reads one message per line, prints each complete reply
+followed by a blank line, and exits at end of input; lines are answered in order, each
+before the next is read. Only the conversation goes to standard output; logs go to
+standard error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any, TextIO
+
+from yanray.bot.dispatcher import Dispatcher, position_text
+from yanray.bot.types import Incoming, ReplyStream, Route
+
+PROMPT = "you> "
+
+
+class ConsoleStream:
+    """Prints one answer; `done` is set once it is complete."""
+
+    def __init__(self, output: TextIO, *, streaming: bool) -> None:
+        self.output = output
+        self.streaming = streaming
+        self.done = asyncio.Event()
+        self._printed = ""
+
+    def _write(self, text: str) -> None:
+        self.output.write(text)
+        self.output.flush()
+
+    async def send(self, text: str) -> None:
+        self._write(text + "\n\n")
+        self.done.set()
+
+    async def queued(self, position: int) -> None:
+        if self.streaming:
+            self._write(f"({position_text(position)})\n")
+
+    async def started(self) -> None:
+        pass
+
+    async def progress(self, text: str) -> None:
+        if self.streaming and text.startswith(self._printed):
+            self._write(text[len(self._printed) :])
+            self._printed = text
+
+    async def finish(self, text: str) -> None:
+        if self._printed and text.startswith(self._printed):
+            self._write(text[len(self._printed) :] + "\n\n")
+        else:
+            self._write(("\n" if self._printed else "") + text + "\n\n")
+        self.done.set()
+
+    async def fail(self, text: str) -> None:
+        self._write(("\n" if self._printed else "") + f"[{text}]\n\n")
+        self.done.set()
+
+
+class ConsoleAdapter:
+    platform = "console"
+
+    def __init__(
+        self,
+        *,
+        dispatcher: Dispatcher,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+        user: str = "local",
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.user = user
+        self.interactive = self.stdin.isatty() and self.stdout.isatty()
+        self._count = 0
+
+    def reopen(self, route: Route) -> ReplyStream:
+        return ConsoleStream(self.stdout, streaming=self.interactive)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def _read_line(self) -> str | None:
+        if self.interactive:
+            self.stdout.write(PROMPT)
+            self.stdout.flush()
+        line = await asyncio.to_thread(self.stdin.readline)
+        return line if line else None
+
+    async def converse(self) -> None:
+        """Answer lines until end of input (Ctrl-D)."""
+        while (line := await self._read_line()) is not None:
+            text = line.rstrip("\n")
+            if not text.strip():
+                continue
+            self._count += 1
+            stream = ConsoleStream(self.stdout, streaming=self.interactive)
+            incoming = Incoming(
+                platform=self.platform,
+                chat_id=self.user,
+                user_id=self.user,
+                display_name=self.user,
+                text=text,
+                message_id=str(self._count),
+                route=self._route(),
+            )
+            await self.dispatcher.handle(incoming, stream)
+            if stream.done.is_set() or not self.dispatcher.is_pending(stream):
+                continue
+            await stream.done.wait()
+
+    def _route(self) -> dict[str, Any]:
+        return {"user": self.user}

@@ -1,0 +1,76 @@
+"""The core, built once and passed in: database, queue, engine worker and dispatcher.
+
+`Core.open(settings, engine)` opens the database (running migrations), and wires the
+queue, worker and dispatcher around the given engine. Adapters are added with
+`add_adapter()` before `start()`, so requests recovered from the journal can be
+answered on their platform. `aclose()` stops the worker; a request it was answering
+stays `running` in storage and is answered again at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+
+from yanray.bot.dispatcher import Dispatcher
+from yanray.bot.queue import RequestQueue
+from yanray.bot.settings import Settings
+from yanray.bot.tools import build_tools
+from yanray.bot.types import Adapter
+from yanray.bot.worker import EngineWorker
+from yanray.engine.base import Engine
+from yanray.storage import Database
+
+logger = logging.getLogger(__name__)
+
+
+class Core:
+    def __init__(self, *, settings: Settings, db: Database, engine: Engine) -> None:
+        self.settings = settings
+        self.db = db
+        self.engine = engine
+        self.queue = RequestQueue(
+            max_total=settings.queue_max, max_per_conversation=settings.queue_per_conversation
+        )
+        self.worker = EngineWorker(
+            settings=settings, db=db, engine=engine, queue=self.queue, tools=build_tools(settings.tools)
+        )
+        self.dispatcher = Dispatcher(settings=settings, db=db, queue=self.queue, worker=self.worker)
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, settings: Settings, engine: Engine) -> Core:
+        db = await Database.open(settings.resolved_database_url)
+        return cls(settings=settings, db=db, engine=engine)
+
+    def add_adapter(self, adapter: Adapter) -> None:
+        self.worker.adapters[adapter.platform] = adapter
+
+    async def start(self) -> None:
+        """Re-queue what the last run left unanswered and start the single worker."""
+        await self.worker.recover()
+        self._task = asyncio.create_task(self.worker.run(), name="yanray-engine-worker")
+
+    async def wait_idle(self) -> None:
+        """Until nothing is queued or running (tests and the pipe mode of `yanray chat`)."""
+        while len(self.queue) or self.queue.running is not None:
+            await self.worker.idle.wait()
+            await asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.db.close()
+
+    async def __aenter__(self) -> Core:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

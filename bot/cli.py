@@ -1,0 +1,192 @@
+"""The `yanray` command: `chat` in a terminal, `run` the bots, `quantize` a model to INT8.
+
+Everything is built here once and passed in (settings, engine, core, adapters).
+Logging is configured here, to standard error; standard output carries only the
+conversation. A bad setting or an engine that cannot start ends the program with one
+line on standard error and exit status 2 (settings) or 1 (engine), no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from yanray.bot.app import Core
+from yanray.bot.errors import ConfigError, EngineError, StorageError
+from yanray.bot.settings import Settings, load_settings
+from yanray.bot.types import Adapter
+from yanray.engine.base import Engine
+
+logger = logging.getLogger("yanray")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="yanray",
+        description="Yanray, a self-hosted personal AI assistant on a local language model.",
+        epilog="Settings come from yanray.toml and YANRAY_* environment variables; see the README.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="settings file (default: $YANRAY_CONFIG, else ./yanray.toml if it exists)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "chat",
+        help="talk to Yanray in this terminal",
+        description="Talk to Yanray in this terminal. With a pipe as input: one message per line, "
+        "each complete reply followed by a blank line; exits at end of input.",
+    )
+    commands.add_parser(
+        "run",
+        help="run the Telegram and Discord bots",
+        description="Run every adapter whose token is set (YANRAY_TELEGRAM_TOKEN, YANRAY_DISCORD_TOKEN) "
+        "with the engine worker, until SIGINT or SIGTERM.",
+    )
+    quantize = commands.add_parser(
+        "quantize",
+        help="turn a model folder into a Yanray INT8 folder",
+        description="Quantize a ChatGLM3 release folder (or another supported model) to INT8 weights, "
+        "on the CPU, shard by shard. Then set YANRAY_MODEL=DST.",
+    )
+    quantize.add_argument("src", type=Path, help="model folder (config.json, tokenizer.model, weights)")
+    quantize.add_argument("dst", type=Path, help="output folder for the INT8 model")
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "aiosqlite", "discord.gateway", "alembic.runtime.migration"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+async def build_engine(settings: Settings) -> Engine:
+    """The engine the settings ask for. A local model loads in a thread (it takes a while)."""
+    if settings.engine == "openai":
+        from yanray.engine.openai import OpenAIEngine
+
+        key = settings.secret("openai_api_key")
+        return OpenAIEngine(
+            base_url=settings.openai_base_url,
+            model=settings.openai_model,
+            api_key=key,
+            timeout=settings.openai_timeout,
+            max_context=settings.max_context or 8192,
+        )
+    from yanray.engine.local import LocalEngine
+
+    return await asyncio.to_thread(
+        LocalEngine.load,
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_context=settings.max_context,
+        data_dir=settings.data_dir,
+    )
+
+
+async def chat(settings: Settings) -> None:
+    from yanray.adapters.console import ConsoleAdapter
+
+    engine = await build_engine(settings)
+    try:
+        async with await Core.open(settings, engine) as core:
+            console = ConsoleAdapter(dispatcher=core.dispatcher)
+            core.add_adapter(console)
+            await core.start()
+            await console.converse()
+            await core.wait_idle()
+    finally:
+        await engine.aclose()
+
+
+def platform_adapters(settings: Settings, core: Core) -> list[Adapter]:
+    adapters: list[Adapter] = []
+    if settings.telegram_token is not None:
+        from yanray.adapters.telegram import TelegramAdapter
+
+        adapters.append(TelegramAdapter(settings=settings, dispatcher=core.dispatcher))
+    if settings.discord_token is not None:
+        from yanray.adapters.discord import DiscordAdapter
+
+        adapters.append(DiscordAdapter(settings=settings, dispatcher=core.dispatcher))
+    return adapters
+
+
+async def run(settings: Settings) -> None:
+    if settings.telegram_token is None and settings.discord_token is None:
+        raise ConfigError("nothing to run: set YANRAY_TELEGRAM_TOKEN and/or YANRAY_DISCORD_TOKEN")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    engine = await build_engine(settings)
+    try:
+        async with await Core.open(settings, engine) as core:
+            adapters = platform_adapters(settings, core)
+            for adapter in adapters:
+                core.add_adapter(adapter)
+            started: list[Adapter] = []
+            try:
+                for adapter in adapters:
+                    await adapter.start()
+                    started.append(adapter)
+                await core.start()
+                logger.info(
+                    "Yanray is running (%s); Ctrl-C stops it", ", ".join(a.platform for a in adapters)
+                )
+                await stop.wait()
+                logger.info("stopping: no new messages are taken; a running answer resumes at the next start")
+            finally:
+                for adapter in reversed(started):
+                    await adapter.stop()
+    finally:
+        await engine.aclose()
+
+
+def quantize(src: Path, dst: Path) -> None:
+    from yanray.engine.int8 import quantize_folder
+
+    quantize_folder(src, dst, progress=True)
+    print(f"INT8 model written to {dst}. Use it with YANRAY_MODEL={dst}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"yanray: bad setting: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        if args.command == "chat":
+            asyncio.run(chat(settings))
+        elif args.command == "run":
+            asyncio.run(run(settings))
+        else:
+            quantize(args.src, args.dst)
+    except ConfigError as exc:
+        print(f"yanray: bad setting: {exc}", file=sys.stderr)
+        return 2
+    except (EngineError, StorageError) as exc:
+        print(f"yanray: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        with contextlib.suppress(BrokenPipeError):
+            print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

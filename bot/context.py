@@ -1,0 +1,99 @@
+"""What the model sees: the system prompt, and the history cut to the engine's token budget.
+
+Budget = the engine's context minus `YANRAY_MAX_NEW_TOKENS` (room for the reply). The
+system prompt and the newest user turn always stay; whole turns are dropped oldest
+first until the rest fits. A newest turn that alone does not fit is refused with
+`ContextTooLong`, never cut silently.
+
+Token counts come from the engine (its own tokenizer for a local model, an estimate
+for a remote one). A message's cost is counted once and remembered by content, so a
+long conversation is not re-tokenized from the start for every request.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from yanray.bot.errors import ContextTooLong
+from yanray.bot.tools import Tool
+from yanray.engine.base import ChatMessage, Engine, ToolSpec
+
+SLASH_HELP = (
+    "You can use tools. To use one, write its command alone on a line, for example:\n"
+    "{examples}\n"
+    'Then stop; the result comes back to you as "Tools: <result>", and you continue your answer '
+    "using it. Use a tool only when it helps, and never show the command line to the user as an answer."
+)
+
+
+def system_prompt(base: str, tools: Sequence[Tool], *, native: bool) -> str:
+    """The system message. A native-tool model (ChatGLM3) gets the tools from the engine,
+    in its own format, and then the content is exactly `base`."""
+    if not tools or native:
+        return base
+    examples = "\n".join(f"{t.spec.usage}  ({t.spec.description})" for t in tools)
+    return f"{base}\n\n{SLASH_HELP.format(examples=examples)}"
+
+
+class TokenCounter:
+    """Counts a message's tokens with the engine's tokenizer, remembering recent answers."""
+
+    def __init__(self, engine: Engine, *, size: int = 4096) -> None:
+        self.engine = engine
+        self._base = engine.count_tokens([])
+        self._cache: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+        self._size = size
+
+    def message(self, message: ChatMessage) -> int:
+        key = (message.role, message.name, message.content)
+        cost = self._cache.get(key)
+        if cost is None:
+            cost = max(self.engine.count_tokens([message]) - self._base, 0)
+            self._cache[key] = cost
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return cost
+
+    def prompt(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
+        return self.engine.count_tokens(messages, tools)
+
+
+def split_turns(history: Sequence[ChatMessage]) -> list[list[ChatMessage]]:
+    """Group messages into turns, each starting at a user message."""
+    turns: list[list[ChatMessage]] = []
+    for message in history:
+        if message.role == "user" or not turns:
+            turns.append([message])
+        else:
+            turns[-1].append(message)
+    return turns
+
+
+def fit_history(
+    *,
+    system: ChatMessage,
+    history: Sequence[ChatMessage],
+    tools: Sequence[ToolSpec],
+    counter: TokenCounter,
+    budget: int,
+) -> list[ChatMessage]:
+    """The system message plus as many of the newest turns as fit in `budget` tokens."""
+    turns = split_turns(history)
+    fixed = counter.prompt([system], tools)
+    costs = [sum(counter.message(m) for m in turn) for turn in turns]
+    newest = costs[-1] if costs else 0
+    if fixed + newest > budget:
+        raise ContextTooLong(
+            f"Your message is too long for me: about {newest} tokens, and at most "
+            f"{max(budget - fixed, 0)} fit. Please shorten it or send it in parts."
+        )
+    total = fixed + sum(costs)
+    first = 0
+    while total > budget and first < len(turns) - 1:
+        total -= costs[first]
+        first += 1
+    kept = [m for turn in turns[first:] for m in turn]
+    return [system, *kept]

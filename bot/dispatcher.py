@@ -1,0 +1,313 @@
+"""The dispatcher: commands, access checks, and accepting questions into the journal.
+
+A question is written to storage first (the user turn and a `queued` request, one
+transaction) and only then enqueued, so nothing accepted lives only in memory. Command
+words are recognised only at the start of a message ("/reset", "/history 5",
+"/system@yanray_bot be brief"); an unknown command is an ordinary question, since the
+text a user types is data and never runs a tool.
+
+Where the design is silent:
+- `/system default` goes back to the configured `YANRAY_SYSTEM_PROMPT`.
+- `/retry` regenerates the latest answered question; while a question is still
+  waiting or being answered it asks the user to wait or /stop first.
+- Refused users (not in `YANRAY_ALLOWED_USERS`) hear one refusal per process run,
+  then silence, so a stranger cannot make the bot spam a group.
+- The rate limit is a sliding minute per user, in memory (`YANRAY_RATE_LIMIT_PER_MINUTE`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import defaultdict, deque
+from typing import Any
+
+from yanray.bot.errors import QueueFull
+from yanray.bot.queue import Job, RequestQueue
+from yanray.bot.settings import Settings
+from yanray.bot.types import Incoming, ReplyStream
+from yanray.bot.worker import EngineWorker
+from yanray.storage import Conversation, Database, User, crud
+
+logger = logging.getLogger(__name__)
+
+COMMANDS: list[tuple[str, str]] = [
+    ("help", "What I can do and how to use me"),
+    ("reset", "Start a fresh conversation (old messages stay stored)"),
+    ("stop", "Stop the answer being written or waiting"),
+    ("retry", "Write the last answer again"),
+    ("history", "Show the last messages of this conversation: /history [n]"),
+    ("system", "Show or set this conversation's instructions: /system [text|default]"),
+]
+MAX_MESSAGE_CHARS = 100_000
+HISTORY_DEFAULT, HISTORY_MAX, HISTORY_CLIP = 10, 50, 300
+_COMMAND = re.compile(r"^/([A-Za-z_]+)(?:@\w+)?(?:\s+(.*))?$", re.DOTALL)
+
+HELP = """I'm Yanray, a personal assistant running on a local language model. Just write to me.
+I remember our conversation and can use a calculator while answering.
+
+/reset - start a fresh conversation
+/stop - stop the current answer
+/retry - write the last answer again
+/history [n] - show the last n messages
+/system [text] - show or set my instructions for this conversation (/system default to undo)"""
+
+
+def position_text(position: int) -> str:
+    return "You're next." if position == 1 else f"{position - 1} requests are ahead of yours."
+
+
+class Dispatcher:
+    def __init__(
+        self, *, settings: Settings, db: Database, queue: RequestQueue, worker: EngineWorker
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.queue = queue
+        self.worker = worker
+        self._refused: set[str] = set()
+        self._recent: defaultdict[str, deque[float]] = defaultdict(deque)
+
+    async def handle(self, incoming: Incoming, out: ReplyStream) -> None:
+        """Answer a command at once, or accept a question for the engine."""
+        who = f"{incoming.platform}:{incoming.user_id}"
+        if not self._allowed(who):
+            if who not in self._refused:
+                self._refused.add(who)
+                logger.info("refused %s (not in YANRAY_ALLOWED_USERS)", who)
+                await out.send(f"Sorry, I only answer people my owner allowed. Your id is {who}.")
+            return
+        text = incoming.text.strip()
+        match = _COMMAND.match(text)
+        command = match.group(1).lower() if match else ""
+        if command in ("start", "help"):
+            await out.send(HELP)
+            return
+        if command in ("reset", "stop", "retry", "history", "system"):
+            conversation = await self._conversation(incoming)
+            argument = (match.group(2) or "").strip() if match else ""
+            await getattr(self, f"_cmd_{command}")(conversation, argument, incoming, out)
+            return
+        if not text:
+            await out.send("Ask me anything: write your question after the mention.")
+            return
+        if len(text) > MAX_MESSAGE_CHARS:
+            await out.send(
+                f"Your message is too long ({len(text)} characters; at most {MAX_MESSAGE_CHARS}). "
+                "Please shorten it or send it in parts."
+            )
+            return
+        if not self._within_rate(who):
+            await out.send(
+                "You're sending messages faster than I can read them; wait a minute and try again."
+            )
+            return
+        await self._accept(incoming, text, out)
+
+    async def handle_edit(self, incoming: Incoming, out: ReplyStream) -> bool:
+        """The user edited a message: regenerate if it is the conversation's latest question."""
+        if incoming.message_id is None or not self._allowed(f"{incoming.platform}:{incoming.user_id}"):
+            return False
+        text = incoming.text.strip()
+        if not text or _COMMAND.match(text) or len(text) > MAX_MESSAGE_CHARS:
+            return False
+        conversation = await self._conversation(incoming)
+        async with self.db.transaction() as session:
+            message = await crud.find_user_message(
+                session=session, conversation_id=conversation.id, external_id=incoming.message_id
+            )
+            latest = await crud.latest_user_message(session=session, conversation_id=conversation.id)
+            if message is None or latest is None or message.id != latest.id:
+                return False
+            old = await crud.latest_request(session=session, conversation_id=conversation.id)
+        if old is not None and old.user_message_id == message.id:
+            await self._cancel(conversation.id, reason="edited")
+        try:
+            self.queue.reserve(conversation.id)
+        except QueueFull as exc:
+            await out.send(str(exc))
+            return True
+        async with self.db.transaction() as session:
+            if old is not None and old.user_message_id == message.id:
+                await crud.supersede_answer(session=session, request_id=old.id)
+            await crud.restore_message(session=session, message_id=message.id, text=text)
+            request = await crud.create_request(
+                session=session,
+                conversation_id=conversation.id,
+                user_message_id=message.id,
+                route=self._route(incoming),
+            )
+        await self._enqueue(Job(request.id, conversation.id, out))
+        return True
+
+    def is_pending(self, out: ReplyStream) -> bool:
+        """Whether a request answered through `out` is waiting or being answered."""
+        running = self.queue.running
+        return (running is not None and running.out is out) or any(
+            j.out is out for j in self.queue.schedule()
+        )
+
+    # -- questions ---------------------------------------------------------------------
+
+    async def _accept(self, incoming: Incoming, text: str, out: ReplyStream) -> None:
+        async with self.db.transaction() as session:
+            conversation, user = await self._get_conversation(session, incoming)
+        try:
+            self.queue.reserve(conversation.id)
+        except QueueFull as exc:
+            logger.info("queue full for conversation %d", conversation.id)
+            await out.send(str(exc))
+            return
+        try:
+            async with self.db.transaction() as session:
+                message = await crud.add_message(
+                    session=session,
+                    conversation_id=conversation.id,
+                    role="user",
+                    text=text,
+                    user_id=user.id,
+                    external_id=incoming.message_id,
+                )
+                request = await crud.create_request(
+                    session=session,
+                    conversation_id=conversation.id,
+                    user_message_id=message.id,
+                    route=self._route(incoming),
+                )
+        except BaseException:
+            self.queue.release(conversation.id)
+            raise
+        await self._enqueue(Job(request.id, conversation.id, out), reserved=True)
+
+    async def _enqueue(self, job: Job, *, reserved: bool = True) -> None:
+        position = self.queue.put(job, reserved=reserved)
+        if position > 0:
+            await job.out.queued(position)
+
+    def _route(self, incoming: Incoming) -> dict[str, object]:
+        return {**incoming.route, "platform": incoming.platform}
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def _cmd_reset(
+        self, conversation: Conversation, _arg: str, _in: Incoming, out: ReplyStream
+    ) -> None:
+        async with self.db.transaction() as session:
+            await crud.reset_conversation(session=session, conversation_id=conversation.id)
+        await out.send("Fresh start: I've set our earlier messages aside (they stay stored).")
+
+    async def _cmd_stop(self, conversation: Conversation, _arg: str, _in: Incoming, out: ReplyStream) -> None:
+        stopped = await self._cancel(conversation.id, reason="stopped")
+        await out.send("Stopped." if stopped else "There is nothing to stop.")
+
+    async def _cmd_retry(
+        self, conversation: Conversation, _arg: str, incoming: Incoming, out: ReplyStream
+    ) -> None:
+        async with self.db.transaction() as session:
+            if await crud.active_requests(session=session, conversation_id=conversation.id):
+                await out.send("I'm still answering; wait for it (or /stop it) before /retry.")
+                return
+            last = await crud.latest_request(session=session, conversation_id=conversation.id)
+        if last is None or last.user_message_id <= conversation.context_start:
+            await out.send("There is no answer to retry yet.")
+            return
+        try:
+            self.queue.reserve(conversation.id)
+        except QueueFull as exc:
+            await out.send(str(exc))
+            return
+        async with self.db.transaction() as session:
+            await crud.supersede_answer(session=session, request_id=last.id)
+            await crud.restore_message(session=session, message_id=last.user_message_id)
+            request = await crud.create_request(
+                session=session,
+                conversation_id=conversation.id,
+                user_message_id=last.user_message_id,
+                route=self._route(incoming),
+            )
+        await self._enqueue(Job(request.id, conversation.id, out))
+
+    async def _cmd_history(
+        self, conversation: Conversation, arg: str, _in: Incoming, out: ReplyStream
+    ) -> None:
+        count = HISTORY_DEFAULT
+        if arg:
+            if not arg.isdigit() or not 1 <= int(arg) <= HISTORY_MAX:
+                await out.send(f"Usage: /history [n], with n from 1 to {HISTORY_MAX}.")
+                return
+            count = int(arg)
+        async with self.db.transaction() as session:
+            messages = await crud.recent_messages(session=session, conversation=conversation, limit=count)
+        if not messages:
+            await out.send("Our conversation is empty.")
+            return
+        lines = []
+        for m in messages:
+            text = m.text if len(m.text) <= HISTORY_CLIP else m.text[: HISTORY_CLIP - 1] + "…"
+            lines.append(f"{'You' if m.role == 'user' else 'Yanray'}: {text}")
+        await out.send("\n\n".join(lines))
+
+    async def _cmd_system(
+        self, conversation: Conversation, arg: str, _in: Incoming, out: ReplyStream
+    ) -> None:
+        if not arg:
+            current = conversation.system_prompt or self.settings.system_prompt
+            origin = "this conversation's" if conversation.system_prompt else "the default"
+            await out.send(f"My instructions ({origin}):\n{current}")
+            return
+        new = None if arg.lower() == "default" else arg
+        async with self.db.transaction() as session:
+            await crud.set_system_prompt(session=session, conversation_id=conversation.id, text=new)
+        await out.send(
+            "Back to the default instructions." if new is None else "Instructions set for this conversation."
+        )
+
+    # -- helpers -----------------------------------------------------------------------
+
+    async def _cancel(self, conversation_id: int, *, reason: str) -> bool:
+        """Cancel this conversation's waiting and running requests."""
+        waiting = self.queue.cancel_conversation(conversation_id)
+        async with self.db.transaction() as session:
+            for job in waiting:
+                await crud.finish_request(
+                    session=session, request_id=job.request_id, status="cancelled", error=reason
+                )
+                await crud.mark_delivered(session=session, request_id=job.request_id)
+        message = "Stopped." if reason == "stopped" else "Replaced by your edited message."
+        for job in waiting:
+            await job.out.fail(message)
+        running = self.worker.cancel_running(conversation_id, reason=message)
+        return bool(waiting) or running is not None
+
+    async def _conversation(self, incoming: Incoming) -> Conversation:
+        async with self.db.transaction() as session:
+            conversation, _user = await self._get_conversation(session, incoming)
+        return conversation
+
+    async def _get_conversation(self, session: Any, incoming: Incoming) -> tuple[Conversation, User]:
+        return await crud.get_or_create_conversation(
+            session=session,
+            platform=incoming.platform,
+            chat_id=incoming.chat_id,
+            user_key=incoming.conversation_user,
+            user_external_id=incoming.user_id,
+            display_name=incoming.display_name,
+        )
+
+    def _allowed(self, who: str) -> bool:
+        allowed = self.settings.allowed_users
+        return not allowed or who in allowed or who in self.settings.admins
+
+    def _within_rate(self, who: str) -> bool:
+        limit = self.settings.rate_limit_per_minute
+        if not limit:
+            return True
+        now = time.monotonic()
+        recent = self._recent[who]
+        while recent and now - recent[0] > 60:
+            recent.popleft()
+        if len(recent) >= limit:
+            return False
+        recent.append(now)
+        return True

@@ -1,0 +1,117 @@
+"""The request queue: one line in front of the single engine, fair across conversations.
+
+Round-robin by conversation, done as start-time fair queuing: each job gets a tag, the
+larger of the tag being served now and its conversation's previous tag plus one, and the
+smallest tag runs next (ties in arrival order). So conversations take turns, and a
+person who arrives while another's burst of 50 is being answered goes next: their one
+message waits at most for the engine turn already running. Bounded overall and per conversation: `reserve()`
+raises `QueueFull` before anything is stored, so the caller can answer "busy" and keep
+nothing half-accepted. A reservation becomes a job with `put()` once the request is
+committed to storage (the journal), or is given back with `release()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import threading
+from dataclasses import dataclass, field
+
+from yanray.bot.errors import QueueFull
+from yanray.bot.types import ReplyStream
+
+
+@dataclass(eq=False)
+class Job:
+    """One stored request waiting for, or being answered by, the engine."""
+
+    request_id: int
+    conversation_id: int
+    out: ReplyStream
+    cancel: threading.Event = field(default_factory=threading.Event)
+    #: what the user is told when the job is cancelled
+    cancel_reason: str = "Stopped."
+
+
+class RequestQueue:
+    def __init__(self, *, max_total: int, max_per_conversation: int) -> None:
+        self.max_total = max_total
+        self.max_per_conversation = max_per_conversation
+        self._jobs: list[tuple[int, int, Job]] = []  # (tag, arrival, job), kept sorted
+        self._next_tag: dict[int, int] = {}  # per conversation: the tag its next job starts from
+        self._serving_tag = 0
+        self._arrivals = itertools.count()
+        self._reserved: dict[int, int] = {}
+        self._ready = asyncio.Event()
+        self.running: Job | None = None
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def _waiting(self, conversation_id: int) -> int:
+        return sum(1 for _t, _a, job in self._jobs if job.conversation_id == conversation_id)
+
+    def reserve(self, conversation_id: int) -> None:
+        """Claim a place for a request about to be stored, or raise `QueueFull`."""
+        if len(self._jobs) + sum(self._reserved.values()) >= self.max_total:
+            raise QueueFull("I'm busy with many requests right now; please try again in a few minutes.")
+        mine = self._waiting(conversation_id) + self._reserved.get(conversation_id, 0)
+        if self.running is not None and self.running.conversation_id == conversation_id:
+            mine += 1
+        if mine >= self.max_per_conversation:
+            raise QueueFull(
+                f"You already have {mine} requests waiting; wait for their answers (or /stop them) first."
+            )
+        self._reserved[conversation_id] = self._reserved.get(conversation_id, 0) + 1
+
+    def release(self, conversation_id: int) -> None:
+        left = self._reserved.get(conversation_id, 0) - 1
+        if left > 0:
+            self._reserved[conversation_id] = left
+        else:
+            self._reserved.pop(conversation_id, None)
+
+    def put(self, job: Job, *, reserved: bool = True) -> int:
+        """Queue a job (turning its reservation into a place); returns its position (0: runs now)."""
+        if reserved:
+            self.release(job.conversation_id)
+        tag = max(self._serving_tag, self._next_tag.get(job.conversation_id, 0))
+        self._next_tag[job.conversation_id] = tag + 1
+        bisect.insort(self._jobs, (tag, next(self._arrivals), job), key=lambda entry: entry[:2])
+        self._ready.set()
+        return self.position(job)
+
+    async def get(self) -> Job:
+        """The next job in fair order; waits while the queue is empty."""
+        while not self._jobs:
+            self._ready.clear()
+            await self._ready.wait()
+        tag, _arrival, job = self._jobs.pop(0)
+        self._serving_tag = tag
+        return job
+
+    def schedule(self) -> list[Job]:
+        """Every waiting job in the order it will run."""
+        return [job for _t, _a, job in self._jobs]
+
+    def position(self, job: Job) -> int:
+        """How many requests are ahead of `job`, the running one included (0: it runs now)."""
+        ahead = self.schedule().index(job)
+        return ahead + (1 if self.running is not None else 0)
+
+    def remove(self, job: Job) -> bool:
+        for index, (_t, _a, queued) in enumerate(self._jobs):
+            if queued is job:
+                del self._jobs[index]
+                return True
+        return False
+
+    def cancel_conversation(self, conversation_id: int) -> list[Job]:
+        """Take every waiting job of a conversation out of the queue and return them."""
+        jobs = [job for _t, _a, job in self._jobs if job.conversation_id == conversation_id]
+        self._jobs = [entry for entry in self._jobs if entry[2].conversation_id != conversation_id]
+        return jobs
+
+    def find(self, request_id: int) -> Job | None:
+        return next((job for _t, _a, job in self._jobs if job.request_id == request_id), None)

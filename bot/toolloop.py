@@ -1,0 +1,173 @@
+"""The tool loop (the "filter"): generate, run a tool the model called, continue, repeat.
+
+Two dialects are recognised, only ever in the model's own output:
+
+- slash: a line `/calculate 6.5*7.5` that the model writes. The engine stops at the end
+  of that line (`stop_at`), the tool runs, and the result goes back as an observation;
+  a call on the very last line without a newline (the model ended its turn there) counts
+  too.
+- native: the engine reports `finish="tool_call"` with a parsed `ToolCall` (ChatGLM3's
+  function-call block).
+
+The observation is appended to the same engine session, so a local engine only prefills
+the new tokens. At most `max_rounds` tools run per answer; after that the model is told
+to answer without tools, and further calls are left as text. An identical repeated call
+(same tool, same arguments) is answered from the first result without running again.
+
+What the user sees is the model's text with the tool-call lines taken out; every round
+and every tool result is kept in `rounds` for storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from yanray.bot.errors import ToolError
+from yanray.bot.tools import Tool
+from yanray.engine.base import ChatMessage, EngineSession, GenerateOptions, Generation
+
+logger = logging.getLogger(__name__)
+
+NO_MORE_TOOLS = "No more tool calls are allowed for this answer; answer with what you have."
+
+
+@dataclass(frozen=True)
+class Round:
+    """One generation round and the tool call that ended it, if any."""
+
+    text: str  # what the model wrote (a native call's content included)
+    tool_name: str = ""
+    observation: str | None = None
+    native: bool = False
+
+
+@dataclass
+class LoopResult:
+    rounds: list[Round] = field(default_factory=list)
+    finish: str = "stop"
+    visible: str = ""  # what the user sees: the rounds' text without the tool-call lines
+
+
+def slash_pattern(names: Sequence[str]) -> re.Pattern[str] | None:
+    if not names:
+        return None
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    return re.compile(rf"^[ \t]*/({alternatives})[ \t]+(\S[^\n]*?)[ \t]*(?:\n|\Z)", re.MULTILINE)
+
+
+def _strip_calls(text: str, pattern: re.Pattern[str] | None) -> str:
+    return pattern.sub("", text) if pattern is not None else text
+
+
+def _partial_visible(text: str, pattern: re.Pattern[str] | None) -> str:
+    """Visible text while streaming: complete calls removed, a maybe-call last line held back."""
+    text = _strip_calls(text, pattern)
+    head, newline, last = text.rpartition("\n")
+    if last.lstrip().startswith("/"):
+        text = head + newline
+    return text
+
+
+class ToolLoop:
+    """Runs one answer through the engine session and the enabled tools."""
+
+    def __init__(self, *, tools: Mapping[str, Tool], max_rounds: int) -> None:
+        self.tools = tools
+        self.max_rounds = max_rounds
+        self._pattern = slash_pattern(list(tools))
+
+    def _stop_at(self, text: str) -> int | None:
+        assert self._pattern is not None
+        for match in self._pattern.finditer(text):
+            if match.group(0).endswith("\n"):
+                return match.end()
+        return None
+
+    async def run(
+        self,
+        session: EngineSession,
+        *,
+        options: Callable[[], GenerateOptions],
+        on_visible: Callable[[str], None] | None = None,
+    ) -> LoopResult:
+        """Generate until the model answers without a tool call (or a limit stops it)."""
+        result = LoopResult()
+        cache: dict[tuple[str, str], str] = {}
+        shown: list[str] = []  # visible text of finished rounds
+        for round_index in range(self.max_rounds + 1):
+            allow_tools = round_index < self.max_rounds and bool(self.tools)
+            opts = options()
+            if allow_tools and self._pattern is not None:
+                opts.stop_at = self._stop_at
+            so_far: list[str] = []
+
+            def on_text(piece: str, so_far: list[str] = so_far) -> None:
+                so_far.append(piece)
+                if on_visible is not None:
+                    current = _partial_visible("".join(so_far), self._pattern)
+                    on_visible("".join(shown) + current)
+
+            generation = await session.generate(opts, on_text)
+            result.finish = generation.finish
+            call = self._find_call(generation) if allow_tools else None
+            if call is None:
+                if generation.tool_call is not None:
+                    # a native call past the limit: tell the model, keep its text out of sight
+                    result.rounds.append(
+                        Round(text=generation.text, tool_name=generation.tool_call.name, native=True)
+                    )
+                    await session.append(ChatMessage("observation", NO_MORE_TOOLS, generation.tool_call.name))
+                    continue
+                result.rounds.append(Round(text=generation.text))
+                shown.append(_strip_calls(generation.text, self._pattern))
+                result.visible = "".join(shown).strip()
+                return result
+            name, arguments, native = call
+            key = (name, json.dumps(arguments, sort_keys=True, default=str))
+            if key in cache:
+                observation = cache[key]
+                logger.info("tool %s repeated with the same arguments; reusing the first result", name)
+            else:
+                observation = cache[key] = await self._run_tool(name, arguments)
+            result.rounds.append(
+                Round(text=generation.text, tool_name=name, observation=observation, native=native)
+            )
+            if not native:
+                shown.append(_strip_calls(generation.text, self._pattern))
+            await session.append(ChatMessage("observation", observation, name))
+            if generation.finish == "cancelled":
+                break
+        result.visible = "".join(shown).strip()
+        return result
+
+    def _find_call(self, generation: Generation) -> tuple[str, Mapping[str, Any], bool] | None:
+        if generation.tool_call is not None:
+            call = generation.tool_call
+            return call.name, call.arguments, True
+        if self._pattern is None or generation.finish not in ("stop", "length"):
+            return None
+        # the last call line of the round is the one the model stopped at
+        match = next(reversed(list(self._pattern.finditer(generation.text))), None)
+        if match is None or match.end() < len(generation.text.rstrip()):
+            return None
+        tool = self.tools[match.group(1)]
+        return tool.name, {tool.slash_argument: match.group(2).strip()}, False
+
+    async def _run_tool(self, name: str, arguments: Mapping[str, Any]) -> str:
+        tool = self.tools.get(name)
+        if tool is None:
+            return f"Error: there is no tool named {name!r}; available: {', '.join(self.tools) or 'none'}."
+        try:
+            async with asyncio.timeout(tool.timeout):
+                return await tool.handler(arguments)
+        except ToolError as exc:
+            return f"Error: {exc}"
+        except TimeoutError:
+            logger.warning("tool %s timed out after %.1f s", name, tool.timeout)
+            return f"Error: the {name} tool took longer than {tool.timeout:g} s."

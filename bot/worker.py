@@ -1,0 +1,255 @@
+"""The engine worker: the one consumer of the request queue.
+
+For each job it marks the stored request running, builds the prompt (system prompt,
+history within the token budget), runs the tool loop on a fresh engine session while
+streaming the visible text to the adapter, then stores every round, tool result and
+the reply and marks the request done in one transaction, and only then delivers the
+final text and marks it delivered.
+
+Exactly once: a request is answered from its stored reply if the process died after
+storing it but before delivering; a request left queued or running is generated
+again. The window in which an answer can be delivered twice is the time between the
+platform accepting the final message and the `delivered` flag being committed.
+
+Failures never stop the worker: the engine's, the context check's, the time limit's
+and unexpected ones each close the request as failed and tell the user one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from yanray.bot.context import TokenCounter, fit_history, system_prompt
+from yanray.bot.errors import ContextTooLong, EngineError
+from yanray.bot.queue import Job, RequestQueue
+from yanray.bot.settings import Settings
+from yanray.bot.toolloop import LoopResult, ToolLoop
+from yanray.bot.tools import Tool
+from yanray.bot.types import Adapter, ReplyStream
+from yanray.engine.base import ChatMessage, Engine, GenerateOptions, Role
+from yanray.storage import Database, Message, crud
+
+logger = logging.getLogger(__name__)
+
+PROMPT_ROLE: dict[str, Role] = {"user": "user", "assistant": "assistant", "tool": "observation", "system": "system"}
+APOLOGY = "Sorry, something went wrong while answering. Please try again."
+
+
+def to_chat(message: Message) -> ChatMessage:
+    role = PROMPT_ROLE[message.role]
+    return ChatMessage(role, message.text, message.tool_name)
+
+
+class EngineWorker:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        engine: Engine,
+        queue: RequestQueue,
+        tools: Mapping[str, Tool],
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.engine = engine
+        self.queue = queue
+        self.tools = tools
+        self.loop = ToolLoop(tools=tools, max_rounds=settings.tool_rounds)
+        self.counter = TokenCounter(engine)
+        self.adapters: dict[str, Adapter] = {}
+        self.idle = asyncio.Event()
+        self.idle.set()
+        #: seconds spent inside the engine vs in the whole request, for the pipeline benchmark
+        self.timings: list[tuple[float, float]] = []
+
+    async def run(self) -> None:
+        """Answer jobs forever, one at a time."""
+        while True:
+            job = await self.queue.get()
+            self.queue.running = job
+            self.idle.clear()
+            try:
+                await self.process(job)
+            finally:
+                self.queue.running = None
+                if not len(self.queue):
+                    self.idle.set()
+
+    def cancel_running(self, conversation_id: int, *, reason: str = "Stopped.") -> Job | None:
+        job = self.queue.running
+        if job is not None and job.conversation_id == conversation_id:
+            job.cancel_reason = reason
+            job.cancel.set()
+            return job
+        return None
+
+    async def recover(self) -> int:
+        """Re-queue what a previous run left unanswered; returns how many requests."""
+        async with self.db.transaction() as session:
+            pending = list(await crud.pending_requests(session=session))
+        count = 0
+        for request in pending:
+            platform = str(request.route.get("platform", ""))
+            adapter = self.adapters.get(platform)
+            if adapter is None:
+                logger.warning(
+                    "request %d waits for the %s adapter, which is not running", request.id, platform
+                )
+                continue
+            out = adapter.reopen(request.route)
+            if request.status in ("done", "failed"):
+                await self._deliver(
+                    request.id, out, request.reply_text, request.status == "done", request.error
+                )
+                continue
+            async with self.db.transaction() as session:
+                await crud.requeue(session=session, request_id=request.id)
+            self.queue.put(Job(request.id, request.conversation_id, out), reserved=False)
+            count += 1
+        if count:
+            logger.info("re-queued %d requests left unanswered by the last run", count)
+        return count
+
+    async def process(self, job: Job) -> None:
+        started = time.perf_counter()
+        async with self.db.transaction() as session:
+            request = await crud.start_request(session=session, request_id=job.request_id)
+            if request is None:
+                return  # cancelled while it waited
+            conversation = await crud.get_conversation(session=session, conversation_id=job.conversation_id)
+            assert conversation is not None
+            history = await crud.context_messages(
+                session=session, conversation=conversation, up_to_turn=request.user_message_id
+            )
+            turn = request.user_message_id
+            base_prompt = conversation.system_prompt or self.settings.system_prompt
+        await job.out.started()
+        engine_time = 0.0
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                engine_started = time.perf_counter()
+                result = await self._generate(job, base_prompt, [to_chat(m) for m in history])
+                engine_time = time.perf_counter() - engine_started
+        except ContextTooLong as exc:
+            await self._close(job, "failed", error=str(exc))
+        except TimeoutError:
+            job.cancel.set()
+            limit = self.settings.request_timeout
+            await self._close(job, "failed", error=f"That took too long (over {limit:g} s) and was stopped.")
+        except EngineError as exc:
+            logger.warning("request %d: engine error: %s", job.request_id, exc)
+            await self._close(job, "failed", error=str(exc))
+        except Exception:
+            logger.exception("request %d failed unexpectedly", job.request_id)
+            await self._close(job, "failed", error=APOLOGY)
+        else:
+            if result.finish == "cancelled":
+                await self._close(job, "cancelled", error=job.cancel_reason, rounds=result, turn=turn)
+            else:
+                await self._close(job, "done", rounds=result, turn=turn)
+        self.timings.append((engine_time, time.perf_counter() - started))
+
+    async def _generate(self, job: Job, base_prompt: str, history: list[ChatMessage]) -> LoopResult:
+        tools = list(self.tools.values())
+        specs = [t.spec for t in tools] if self.engine.native_tools else []
+        system = ChatMessage("system", system_prompt(base_prompt, tools, native=self.engine.native_tools))
+        budget = self.engine.max_context - self.settings.max_new_tokens
+        messages = fit_history(
+            system=system, history=history, tools=specs, counter=self.counter, budget=budget
+        )
+
+        def options() -> GenerateOptions:
+            return GenerateOptions(
+                max_new_tokens=self.settings.max_new_tokens,
+                temperature=self.settings.temperature,
+                cancel=job.cancel,
+            )
+
+        pending: set[asyncio.Task[None]] = set()
+
+        def on_visible(text: str) -> None:
+            task = asyncio.ensure_future(job.out.progress(text))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        session = await self.engine.start(messages, specs)
+        try:
+            return await self.loop.run(session, options=options, on_visible=on_visible)
+        finally:
+            await session.close()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _close(
+        self,
+        job: Job,
+        status: str,
+        *,
+        error: str | None = None,
+        rounds: LoopResult | None = None,
+        turn: int = 0,
+    ) -> None:
+        """Store the outcome in one transaction, then deliver it."""
+        reply = rounds.visible if rounds is not None else None
+        if status == "done" and not reply:
+            reply = "(I have no answer to that.)"
+        async with self.db.transaction() as session:
+            request = await crud.get_request(session=session, request_id=job.request_id)
+            if request is None:
+                return
+            if rounds is not None:
+                await self._store_rounds(session, request.conversation_id, job.request_id, turn, rounds)
+            await crud.finish_request(
+                session=session, request_id=job.request_id, status=status, reply_text=reply, error=error
+            )
+        if status == "cancelled" and reply:
+            # keep what was already written, marked as cut short
+            await self._deliver(job.request_id, job.out, f"{reply}\n\n[{error}]", True, error)
+        else:
+            await self._deliver(job.request_id, job.out, reply, status == "done", error)
+
+    async def _store_rounds(
+        self, session: Any, conversation_id: int, request_id: int, turn: int, result: LoopResult
+    ) -> None:
+        for round_ in result.rounds:
+            if round_.text:
+                await crud.add_message(
+                    session=session,
+                    conversation_id=conversation_id,
+                    role="assistant",
+                    text=round_.text,
+                    turn=turn,
+                    tool_name=round_.tool_name if round_.native else "",
+                    request_id=request_id,
+                    token_count=self.counter.message(ChatMessage("assistant", round_.text, round_.tool_name)),
+                )
+            if round_.observation is not None:
+                await crud.add_message(
+                    session=session,
+                    conversation_id=conversation_id,
+                    role="tool",
+                    text=round_.observation,
+                    turn=turn,
+                    tool_name=round_.tool_name,
+                    request_id=request_id,
+                )
+
+    async def _deliver(
+        self, request_id: int, out: ReplyStream, reply: str | None, ok: bool, error: str | None
+    ) -> None:
+        try:
+            if ok and reply is not None:
+                await out.finish(reply)
+            else:
+                await out.fail(error or APOLOGY)
+        except Exception:
+            # The adapter could not deliver (it logged why); the answer stays stored and undelivered.
+            logger.exception("request %d: the answer could not be delivered", request_id)
+            return
+        async with self.db.transaction() as session:
+            await crud.mark_delivered(session=session, request_id=request_id)

@@ -1,0 +1,291 @@
+"""Data-access functions. Keyword-only, each takes the `AsyncSession` of the caller's transaction.
+
+The caller owns the transaction (`Database.transaction()`), so several calls commit
+together: the request is marked done in the same transaction that stores the reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from yanray.storage.models import Conversation, Message, Request, User, utcnow
+
+PENDING = ("queued", "running")
+
+
+async def get_or_create_conversation(
+    *,
+    session: AsyncSession,
+    platform: str,
+    chat_id: str,
+    user_key: str,
+    user_external_id: str,
+    display_name: str,
+) -> tuple[Conversation, User]:
+    """The conversation for (platform, chat, user_key) and the speaking user, created on first use."""
+    user = await session.scalar(
+        select(User).where(User.platform == platform, User.external_id == user_external_id)
+    )
+    if user is None:
+        user = User(platform=platform, external_id=user_external_id, display_name=display_name[:256])
+        session.add(user)
+    elif display_name and user.display_name != display_name[:256]:
+        user.display_name = display_name[:256]
+    conversation = await session.scalar(
+        select(Conversation).where(
+            Conversation.platform == platform,
+            Conversation.chat_id == chat_id,
+            Conversation.user_key == user_key,
+        )
+    )
+    if conversation is None:
+        conversation = Conversation(platform=platform, chat_id=chat_id, user_key=user_key, context_start=0)
+        session.add(conversation)
+    await session.flush()
+    return conversation, user
+
+
+async def get_conversation(*, session: AsyncSession, conversation_id: int) -> Conversation | None:
+    return await session.get(Conversation, conversation_id)
+
+
+async def add_message(
+    *,
+    session: AsyncSession,
+    conversation_id: int,
+    role: str,
+    text: str,
+    turn: int | None = None,
+    user_id: int | None = None,
+    tool_name: str = "",
+    token_count: int | None = None,
+    request_id: int | None = None,
+    external_id: str | None = None,
+) -> Message:
+    """Store one message. A user message (turn None) opens its own turn."""
+    message = Message(
+        conversation_id=conversation_id,
+        role=role,
+        text=text,
+        turn=turn or 0,
+        user_id=user_id,
+        tool_name=tool_name,
+        token_count=token_count,
+        request_id=request_id,
+        external_id=external_id,
+        superseded=False,
+    )
+    session.add(message)
+    await session.flush()
+    if turn is None:
+        message.turn = message.id
+    return message
+
+
+async def create_request(
+    *, session: AsyncSession, conversation_id: int, user_message_id: int, route: dict[str, Any]
+) -> Request:
+    request = Request(
+        conversation_id=conversation_id,
+        user_message_id=user_message_id,
+        status="queued",
+        route=dict(route),
+        delivered=False,
+        attempts=0,
+    )
+    session.add(request)
+    await session.flush()
+    return request
+
+
+async def get_request(*, session: AsyncSession, request_id: int) -> Request | None:
+    return await session.get(Request, request_id)
+
+
+async def start_request(*, session: AsyncSession, request_id: int) -> Request | None:
+    """Mark a queued request running; None if it is no longer queued (cancelled meanwhile)."""
+    request = await session.get(Request, request_id)
+    if request is None or request.status != "queued":
+        return None
+    request.status = "running"
+    request.attempts += 1
+    request.started_at = utcnow()
+    return request
+
+
+async def finish_request(
+    *,
+    session: AsyncSession,
+    request_id: int,
+    status: str,
+    reply_text: str | None = None,
+    error: str | None = None,
+) -> None:
+    """Close a request as done, failed or cancelled. A request that did not end done
+    takes its question out of the context, so a retry or the next question starts clean."""
+    request = await session.get(Request, request_id)
+    if request is None:
+        return
+    request.status = status
+    request.reply_text = reply_text
+    request.error = error
+    request.finished_at = utcnow()
+    if status != "done":
+        await session.execute(
+            update(Message)
+            .where((Message.request_id == request_id) | (Message.id == request.user_message_id))
+            .values(superseded=True)
+        )
+
+
+async def mark_delivered(*, session: AsyncSession, request_id: int) -> None:
+    await session.execute(update(Request).where(Request.id == request_id).values(delivered=True))
+
+
+async def requeue(*, session: AsyncSession, request_id: int) -> None:
+    """Put a request that was running when the process stopped back in the queue."""
+    await session.execute(
+        update(Request).where(Request.id == request_id, Request.status == "running").values(status="queued")
+    )
+
+
+async def pending_requests(*, session: AsyncSession) -> Sequence[Request]:
+    """Requests to finish after a restart: queued, running, or done but not yet delivered."""
+    result = await session.scalars(
+        select(Request)
+        .where(
+            Request.status.in_(PENDING)
+            | ((Request.status.in_(("done", "failed"))) & (Request.delivered.is_(False)))
+        )
+        .order_by(Request.id)
+    )
+    return result.all()
+
+
+async def active_requests(*, session: AsyncSession, conversation_id: int) -> Sequence[Request]:
+    result = await session.scalars(
+        select(Request)
+        .where(Request.conversation_id == conversation_id, Request.status.in_(PENDING))
+        .order_by(Request.id)
+    )
+    return result.all()
+
+
+async def latest_request(
+    *, session: AsyncSession, conversation_id: int, statuses: Sequence[str] | None = None
+) -> Request | None:
+    query = select(Request).where(Request.conversation_id == conversation_id)
+    if statuses is not None:
+        query = query.where(Request.status.in_(statuses))
+    return await session.scalar(query.order_by(Request.id.desc()).limit(1))
+
+
+async def context_messages(
+    *, session: AsyncSession, conversation: Conversation, up_to_turn: int
+) -> list[Message]:
+    """The conversation's messages in context, turn by turn, up to and including `up_to_turn`."""
+    result = await session.scalars(
+        select(Message)
+        .where(
+            Message.conversation_id == conversation.id,
+            Message.turn > conversation.context_start,
+            Message.turn <= up_to_turn,
+            Message.superseded.is_(False),
+        )
+        .order_by(Message.turn, Message.id)
+    )
+    return list(result.all())
+
+
+async def supersede_answer(*, session: AsyncSession, request_id: int) -> None:
+    """Take a request's stored answer (assistant rounds, tool results) out of the context."""
+    await session.execute(update(Message).where(Message.request_id == request_id).values(superseded=True))
+
+
+async def restore_message(*, session: AsyncSession, message_id: int, text: str | None = None) -> None:
+    """Bring a user message back into the context (a retry or an edit asks it again)."""
+    values: dict[str, Any] = {"superseded": False}
+    if text is not None:
+        values["text"] = text
+        values["token_count"] = None
+    await session.execute(update(Message).where(Message.id == message_id).values(**values))
+
+
+async def reset_conversation(*, session: AsyncSession, conversation_id: int) -> None:
+    """Leave every stored turn out of the context from now on; nothing is deleted."""
+    last_turn = await session.scalar(
+        select(func.max(Message.turn)).where(Message.conversation_id == conversation_id)
+    )
+    await session.execute(
+        update(Conversation).where(Conversation.id == conversation_id).values(context_start=last_turn or 0)
+    )
+
+
+async def set_system_prompt(*, session: AsyncSession, conversation_id: int, text: str | None) -> None:
+    await session.execute(
+        update(Conversation).where(Conversation.id == conversation_id).values(system_prompt=text)
+    )
+
+
+async def recent_messages(*, session: AsyncSession, conversation: Conversation, limit: int) -> list[Message]:
+    """The last `limit` user and assistant messages in context, oldest first (for /history)."""
+    result = await session.scalars(
+        select(Message)
+        .where(
+            Message.conversation_id == conversation.id,
+            Message.turn > conversation.context_start,
+            Message.superseded.is_(False),
+            Message.role.in_(("user", "assistant")),
+            Message.tool_name == "",
+        )
+        .order_by(Message.turn.desc(), Message.id.desc())
+        .limit(limit)
+    )
+    return list(reversed(result.all()))
+
+
+async def find_user_message(
+    *, session: AsyncSession, conversation_id: int, external_id: str
+) -> Message | None:
+    return await session.scalar(
+        select(Message)
+        .where(
+            Message.conversation_id == conversation_id,
+            Message.external_id == external_id,
+            Message.role == "user",
+        )
+        .order_by(Message.id.desc())
+        .limit(1)
+    )
+
+
+async def latest_user_message(*, session: AsyncSession, conversation_id: int) -> Message | None:
+    return await session.scalar(
+        select(Message)
+        .where(Message.conversation_id == conversation_id, Message.role == "user")
+        .order_by(Message.id.desc())
+        .limit(1)
+    )
+
+
+async def set_user_blocked(*, session: AsyncSession, platform: str, external_id: str, blocked: bool) -> None:
+    await session.execute(
+        update(User).where(User.platform == platform, User.external_id == external_id).values(blocked=blocked)
+    )
+
+
+async def is_user_blocked(*, session: AsyncSession, platform: str, external_id: str) -> bool:
+    blocked = await session.scalar(
+        select(User.blocked).where(User.platform == platform, User.external_id == external_id)
+    )
+    return bool(blocked)
+
+
+async def request_counts(*, session: AsyncSession) -> dict[str, int]:
+    """How many requests are in each status (for tests, benchmarks and the log)."""
+    rows = await session.execute(select(Request.status, func.count()).group_by(Request.status))
+    return {status: count for status, count in rows.all()}

@@ -1,0 +1,92 @@
+"""The tables: users, conversations, messages and requests (the journal of accepted work).
+
+A conversation is keyed by (platform, chat_id, user_key): `user_key` is the user's id,
+or "" when a group chat shares one conversation. Messages are ordered by `turn` then
+`id`: a user message's turn is its own id, and the assistant rounds, tool calls and tool
+results that answer it carry the same turn. So a burst of queued user messages still
+reads back as question, answer, question, answer. `/reset` moves the conversation's
+`context_start` past the last turn; `superseded` messages (a regenerated answer, a
+cancelled or failed question) stay stored but leave the context.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+REQUEST_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("platform", "external_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(64))
+    display_name: Mapped[str] = mapped_column(String(256), default="")
+    blocked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    __table_args__ = (UniqueConstraint("platform", "chat_id", "user_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    chat_id: Mapped[str] = mapped_column(String(64))
+    user_key: Mapped[str] = mapped_column(String(64))
+    system_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    context_start: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_conversation_turn", "conversation_id", "turn", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    turn: Mapped[int] = mapped_column(Integer, default=0)
+    # No foreign key: requests reference messages, and a cycle of keys needs ALTER TABLE,
+    # which SQLite lacks. The request that produced an answer is an index here.
+    request_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)
+    tool_name: Mapped[str] = mapped_column(String(64), default="")
+    token_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    external_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    superseded: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Request(Base):
+    __tablename__ = "requests"
+    __table_args__ = (Index("ix_requests_status", "status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    user_message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    route: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    reply_text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

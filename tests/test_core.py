@@ -1,0 +1,283 @@
+"""The path of a message through dispatcher, storage, queue, worker and tool loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.recording import RecordingAdapter, RecordingStream
+from tests.scripted_engine import ScriptedEngine
+from yanray.bot.app import Core
+from yanray.bot.types import Incoming
+from yanray.engine.base import ChatMessage
+from yanray.storage import crud
+
+pytestmark = pytest.mark.asyncio
+
+
+def msg(text: str, *, user: str = "alice", chat: str | None = None, mid: str | None = None) -> Incoming:
+    return Incoming(
+        platform="test",
+        chat_id=chat or user,
+        user_id=user,
+        display_name=user.title(),
+        text=text,
+        message_id=mid,
+        route={"chat": chat or user, "user": user},
+    )
+
+
+async def ask(core: Core, text: str, **kw: Any) -> RecordingStream:
+    out = RecordingStream(text)
+    await core.dispatcher.handle(msg(text, **kw), out)
+    return out
+
+
+async def statuses(core: Core) -> dict[str, int]:
+    async with core.db.transaction() as session:
+        return await crud.request_counts(session=session)
+
+
+async def test_question_is_answered_streamed_and_stored(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["Hello Alice, nice to meet you."])
+    core = await core_factory(make_settings(tools=[]), engine)
+    out = await ask(core, "Hi, I am Alice")
+    assert await out.wait() == "Hello Alice, nice to meet you."
+    assert out.of("progress")[-1] == "Hello Alice, nice to meet you."
+    assert [m.role for m in engine.prompts[0]] == ["system", "user"]
+    assert engine.prompts[0][1].content == "Hi, I am Alice"
+    assert await statuses(core) == {"done": 1}
+    async with core.db.transaction() as session:
+        request = await crud.latest_request(session=session, conversation_id=1)
+        assert request is not None and request.delivered and request.reply_text == out.answer
+
+
+async def test_history_is_remembered_across_a_restart(make_settings, core_factory) -> None:
+    settings = make_settings(tools=[])
+    engine = ScriptedEngine(["Nice to meet you.", "Your name is Alice."])
+    core = await core_factory(settings, engine)
+    await (await ask(core, "My name is Alice")).wait()
+    await core.aclose()
+    core = await core_factory(settings, engine)
+    await (await ask(core, "What is my name?")).wait()
+    seen = [(m.role, m.content) for m in engine.prompts[-1][1:]]
+    assert seen == [
+        ("user", "My name is Alice"),
+        ("assistant", "Nice to meet you."),
+        ("user", "What is my name?"),
+    ]
+
+
+async def test_burst_from_one_user_does_not_starve_another(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(responder=lambda m: f"answer to {m[-1].content}", delay=0.002)
+    core = await core_factory(make_settings(tools=[], queue_per_conversation=60, queue_max=100), engine)
+    finished: list[str] = []
+
+    class Tracked(RecordingStream):
+        async def finish(self, text: str) -> None:
+            finished.append(self.name)
+            await super().finish(text)
+
+    burst = [Tracked(f"a{i}") for i in range(50)]
+    for i, out in enumerate(burst):
+        await core.dispatcher.handle(msg(f"a{i}", user="alice"), out)
+    bob = Tracked("bob")
+    await core.dispatcher.handle(msg("b0", user="bob"), bob)
+    accepted_at = len(finished)
+    assert bob.of("queued") == [1], "bob is told he is next"
+    await bob.wait(30)
+    # only the request that was running when bob arrived finished before him
+    assert finished.index("bob") - accepted_at <= 1
+    await core.wait_idle()
+    assert len(finished) == 51 and await statuses(core) == {"done": 51}
+
+
+async def test_a_full_queue_answers_busy_and_stores_nothing(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["ok"], delay=0.05)
+    core = await core_factory(make_settings(tools=[], queue_per_conversation=2), engine)
+    outs = [await ask(core, f"q{i}") for i in range(4)]
+    busy = [o.answer for o in outs if o.of("send")]
+    assert len(busy) == 2 and all("wait for their answers" in b for b in busy)
+    await core.wait_idle()
+    assert await statuses(core) == {"done": 2}
+
+
+async def test_stop_cancels_running_and_waiting_requests(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["word " * 200], delay=0.01, piece=5)
+    core = await core_factory(make_settings(tools=[], max_new_tokens=1000), engine)
+    first = await ask(core, "tell me a long story")
+    second = await ask(core, "and another")
+    while not first.of("progress"):
+        await asyncio.sleep(0.01)
+    stop = await ask(core, "/stop")
+    assert stop.answer == "Stopped."
+    assert (await second.wait()) == "Stopped."
+    answer = await first.wait()
+    assert answer is not None and answer.endswith("[Stopped.]") and len(answer) < 1000
+    await core.wait_idle()
+    assert await statuses(core) == {"cancelled": 2}
+    assert (await ask(core, "/stop")).answer == "There is nothing to stop."
+
+
+async def test_restart_answers_queued_and_running_requests_once(make_settings, core_factory) -> None:
+    settings = make_settings(tools=[])
+    hang = asyncio.Event()
+    engine = ScriptedEngine(responder=lambda m: f"answer to {m[-1].content}")
+
+    async def block() -> None:
+        await hang.wait()
+
+    engine.before_reply = block  # type: ignore[assignment]
+    core = await core_factory(settings, engine)
+    for text in ("one", "two", "three"):
+        await ask(core, text)
+    while not engine.prompts:
+        await asyncio.sleep(0.01)
+    await core.aclose()  # the process dies: one request running, two queued
+    assert await _counts(settings) == {"running": 1, "queued": 2}
+
+    engine.before_reply = None
+    adapter = RecordingAdapter("test")
+    core = await core_factory(settings, engine, adapters=(adapter,))
+    answers = [await stream.wait() for _route, stream in adapter.reopened]
+    assert sorted(a or "" for a in answers) == ["answer to one", "answer to three", "answer to two"]
+    assert all(route["platform"] == "test" for route, _ in adapter.reopened)
+    await core.wait_idle()
+    await core.aclose()
+    # a second restart answers nothing again
+    again = RecordingAdapter("test")
+    core = await core_factory(settings, engine, adapters=(again,))
+    await asyncio.sleep(0.05)
+    assert again.reopened == []
+    assert await statuses(core) == {"done": 3}
+
+
+async def _counts(settings) -> dict[str, int]:
+    from yanray.storage import Database
+
+    db = await Database.open(settings.resolved_database_url)
+    try:
+        async with db.transaction() as session:
+            return await crud.request_counts(session=session)
+    finally:
+        await db.close()
+
+
+async def test_stored_but_undelivered_answer_is_delivered_without_regenerating(make_settings, core_factory):
+    settings = make_settings(tools=[])
+    engine = ScriptedEngine(["the answer"])
+
+    class Broken(RecordingStream):
+        async def finish(self, text: str) -> None:
+            raise ConnectionError("platform down")
+
+    core = await core_factory(settings, engine)
+    out = Broken()
+    await core.dispatcher.handle(msg("question"), out)
+    await core.wait_idle()
+    await core.aclose()
+    adapter = RecordingAdapter("test")
+    await core_factory(settings, engine, adapters=(adapter,))
+    assert [await s.wait() for _r, s in adapter.reopened] == ["the answer"]
+    assert len(engine.prompts) == 1
+
+
+async def test_reset_leaves_old_turns_out_of_the_context(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["first answer", "second answer"])
+    core = await core_factory(make_settings(tools=[]), engine)
+    await (await ask(core, "first question")).wait()
+    assert "Fresh start" in ((await ask(core, "/reset")).answer or "")
+    await (await ask(core, "second question")).wait()
+    assert [m.content for m in engine.prompts[-1][1:]] == ["second question"]
+    history = await ask(core, "/history")
+    assert history.answer == "You: second question\n\nYanray: second answer"
+
+
+async def test_retry_regenerates_the_last_answer(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["a bad answer", "a better answer", "fine"])
+    core = await core_factory(make_settings(tools=[]), engine)
+    await (await ask(core, "question")).wait()
+    retry = await ask(core, "/retry")
+    assert await retry.wait() == "a better answer"
+    assert [m.content for m in engine.prompts[-1][1:]] == ["question"]
+    await (await ask(core, "next")).wait()
+    assert [m.content for m in engine.prompts[-1][1:]] == ["question", "a better answer", "next"]
+
+
+async def test_system_prompt_per_conversation(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["ok"])
+    core = await core_factory(make_settings(tools=[], system_prompt="Default rules."), engine)
+    assert "Default rules." in ((await ask(core, "/system")).answer or "")
+    await ask(core, "/system Answer like a pirate.")
+    await (await ask(core, "hello")).wait()
+    assert engine.prompts[-1][0] == ChatMessage("system", "Answer like a pirate.")
+    await (await ask(core, "hello", user="bob")).wait()
+    assert engine.prompts[-1][0] == ChatMessage("system", "Default rules.")
+    await ask(core, "/system default")
+    await (await ask(core, "hello again")).wait()
+    assert engine.prompts[-1][0] == ChatMessage("system", "Default rules.")
+
+
+async def test_history_is_cut_oldest_first_to_the_budget(make_settings, core_factory) -> None:
+    # the scripted engine counts one token per word plus four per message
+    engine = ScriptedEngine(["short answer"], max_context=64 + 40)
+    core = await core_factory(make_settings(tools=[], max_new_tokens=64, system_prompt="rules"), engine)
+    for i in range(6):
+        await (await ask(core, f"question number {i}")).wait()
+    kept = [m.content for m in engine.prompts[-1][1:] if m.role == "user"]
+    assert kept[-1] == "question number 5" and "question number 0" not in kept
+    assert engine.count_tokens(engine.prompts[-1]) <= 40
+
+
+async def test_a_message_longer_than_the_budget_gets_a_clear_answer(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["never"], max_context=200)
+    core = await core_factory(make_settings(tools=[], max_new_tokens=64), engine)
+    out = await ask(core, "word " * 500)
+    answer = await out.wait()
+    assert answer is not None and "too long" in answer and "shorten" in answer
+    assert engine.prompts == []
+    assert await statuses(core) == {"failed": 1}
+    # the refused message does not poison the next question's context
+    engine.max_context = 4096
+    await (await ask(core, "short one")).wait()
+    assert [m.content for m in engine.prompts[-1][1:]] == ["short one"]
+
+
+async def test_engine_failure_is_one_line_and_the_worker_keeps_serving(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["recovered"])
+    engine.fail_with = "The model server cannot be reached."
+    core = await core_factory(make_settings(tools=[]), engine)
+    assert await (await ask(core, "hello")).wait() == "The model server cannot be reached."
+    engine.fail_with = None
+    assert await (await ask(core, "hello again")).wait() == "recovered"
+
+
+async def test_huge_message_is_refused_before_storage(make_settings, core_factory) -> None:
+    core = await core_factory(make_settings(tools=[]), ScriptedEngine())
+    out = await ask(core, "x" * 200_000)
+    assert "too long" in (out.answer or "")
+    assert await statuses(core) == {}
+
+
+async def test_allowlist_refuses_strangers_once(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["hi"])
+    core = await core_factory(make_settings(tools=[], allowed_users=["test:alice"]), engine)
+    first = await ask(core, "hello", user="mallory")
+    second = await ask(core, "hello?", user="mallory")
+    assert "only answer" in (first.answer or "") and second.events == []
+    assert await (await ask(core, "hello", user="alice")).wait() == "hi"
+    assert len(engine.prompts) == 1
+
+
+async def test_edited_latest_question_is_answered_again(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(responder=lambda m: f"about {m[-1].content}")
+    core = await core_factory(make_settings(tools=[]), engine)
+    await (await ask(core, "cats", mid="7")).wait()
+    edited = RecordingStream()
+    assert await core.dispatcher.handle_edit(msg("dogs", mid="7"), edited)
+    assert await edited.wait() == "about dogs"
+    await (await ask(core, "and?", mid="8")).wait()
+    assert [m.content for m in engine.prompts[-1][1:]] == ["dogs", "about dogs", "and?"]
+    assert not await core.dispatcher.handle_edit(msg("birds", mid="7"), RecordingStream())
