@@ -65,6 +65,9 @@ class Core:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for tool in self.worker.tools.values():
+            if tool.close is not None:
+                tool.close()
         await self.db.close()
 
     async def __aenter__(self) -> Core:

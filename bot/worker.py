@@ -75,6 +75,11 @@ class EngineWorker:
             self.idle.clear()
             try:
                 await self.process(job)
+            except Exception:
+                # storage or an adapter failed outside generation: the request stays in the
+                # journal (answered after a restart); this worker goes on with the next one
+                logger.exception("request %d: could not be processed", job.request_id)
+                await self._tell(job.out, APOLOGY)
             finally:
                 self.queue.running = None
                 if not len(self.queue):
@@ -238,6 +243,12 @@ class EngineWorker:
                     tool_name=round_.tool_name,
                     request_id=request_id,
                 )
+
+    async def _tell(self, out: ReplyStream, text: str) -> None:
+        try:
+            await out.fail(text)
+        except Exception:
+            logger.exception("could not tell the user that their request failed")
 
     async def _deliver(
         self, request_id: int, out: ReplyStream, reply: str | None, ok: bool, error: str | None

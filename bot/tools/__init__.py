@@ -28,6 +28,8 @@ class Tool:
     #: the argument the slash dialect's text after the command goes into
     slash_argument: str
     timeout: float = 10.0
+    #: releases what the tool holds (the calculator's worker process); called at shut-down
+    close: Callable[[], None] | None = None
 
     @property
     def name(self) -> str:

@@ -21,8 +21,8 @@ docstring):
 
 What I chose where the design is silent: one warm worker per `Calculator`, reused
 across calls (a fresh worker costs 0.4-1.6 s here, mostly sympy's import; a warm call
-adds about 0.4 ms to sympy's own time), started on first use, recycled after 1000 calls, and restarted after any
-kill or crash. Calls are serialised by a lock; the exchange is one JSON line each way
+adds about 0.4 ms to sympy's own time), started on first use, recycled after 1000
+calls, and restarted after any kill, crash or MemoryError. Calls are serialised by a lock; the exchange is one JSON line each way
 over pipes (no pickle). The blocking pipe I/O runs in the loop's default executor, so
 the event loop never blocks and the `Calculator` is not tied to one event loop;
 cancelling a call kills the worker if that call is running. The worker exits by itself
@@ -270,4 +270,5 @@ def calculator_tool(calculator: Calculator | None = None) -> Tool:
         },
         usage="/calculate <expression>",
     )
-    return Tool(spec=spec, handler=handler, slash_argument="expression")
+    owned = calc.close if calculator is None else None
+    return Tool(spec=spec, handler=handler, slash_argument="expression", close=owned)
