@@ -1,0 +1,303 @@
+"""Discord front end: @mentions in servers and threads, replies to Yanray, DMs, slash commands.
+
+`DiscordAdapter(settings=..., dispatcher=...)` runs a discord.py client in the current
+event loop: `start()` logs in, syncs the slash commands, connects the gateway and returns
+once READY (or raises one clear line); `stop()` closes it. Replies stream through
+`discord_stream.DiscordReplyStream`; the slash commands live in `discord_commands`.
+
+Who is answered: any DM; in a server, a message that mentions the bot user itself
+(`@everyone`, `@here` and role mentions do not count) or replies to one of its messages.
+Yanray's own mention is removed from the text. A conversation is per (channel, user), or
+per channel when `YANRAY_DISCORD_CHANNEL_MODE=shared`. Message content needs no privileged
+intent for mentions and DMs; `YANRAY_DISCORD_MESSAGE_CONTENT=true` asks for it (then a
+reply to Yanray that does not ping it is readable too).
+
+Choices where the design is silent:
+- Allowlists: `YANRAY_DISCORD_ALLOWED_GUILDS`/`_CHANNELS` (a thread counts as its parent
+  channel too)/`_ROLES` fence where Yanray answers, checked here; `YANRAY_ALLOWED_USERS`
+  is the dispatcher's. A DM has no guild, channel or role, so while any of the three
+  fences is set, only users named in `YANRAY_ALLOWED_USERS` or `YANRAY_ADMINS` may DM.
+  Outside the fence a user gets one polite refusal per channel per run, then silence.
+- An edit is acted on only when Discord marks the message edited (`edited_timestamp`) and
+  its text changed: link previews also arrive as MESSAGE_UPDATE.
+- After a restart, a recovered request's answer edits the earlier, partial reply to the
+  same message when it can be found in the channel history, so a user sees one answer.
+
+Connecting (the discord.py client, intents, the REST and gateway URLs) is `discord_client`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import discord
+
+from yanray.adapters.discord_client import YanrayClient, explain_failure, point_urls
+from yanray.adapters.discord_sinks import ChannelSink, InteractionSink
+from yanray.adapters.discord_stream import DiscordReplyStream, StreamConfig
+from yanray.bot.dispatcher import Dispatcher
+from yanray.bot.errors import ConfigError
+from yanray.bot.settings import Settings
+from yanray.bot.types import Incoming, Route
+
+logger = logging.getLogger(__name__)
+
+REFUSAL = "Sorry, I can't answer here: my owner has limited me to certain servers, channels or roles."
+NON_TEXT = "I can only read text for now. Please type your question (I can't see attachments or stickers)."
+_ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+_REMEMBERED = 1000  # answers kept so an edit of their question can regenerate them
+
+
+class DiscordAdapter:
+    platform = "discord"
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        ready_timeout: float = 60.0,
+        guild_ready_timeout: float = 2.0,
+        retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
+    ) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.ready = asyncio.Event()
+        self._ready_timeout = ready_timeout
+        self._guild_ready_timeout = guild_ready_timeout
+        self._client: YanrayClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._restore_urls: Callable[[], None] | None = None
+        self._refused: set[tuple[int, int]] = set()
+        self._forbidden: set[int] = set()
+        self._answers: OrderedDict[int, DiscordReplyStream] = OrderedDict()
+        self.config = StreamConfig(
+            interval=settings.discord_edit_interval,
+            retry_delays=retry_delays,
+            wait_ready=self._wait_ready,
+            note_forbidden=self._note_forbidden,
+            spawn=self._spawn,
+        )
+
+    @property
+    def client(self) -> YanrayClient:
+        if self._client is None:
+            raise RuntimeError("the Discord adapter is not started")
+        return self._client
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Log in, sync the slash commands and connect; returns once READY, or raises one line."""
+        token = self.settings.secret("discord_token")
+        if not token:
+            raise ConfigError("YANRAY_DISCORD_TOKEN is not set; the Discord adapter cannot start")
+        if self._restore_urls is None:
+            self._restore_urls = point_urls(self.settings)
+        self._client = YanrayClient(self, guild_ready_timeout=self._guild_ready_timeout)
+        self._task = asyncio.create_task(self._run(self._client, token), name="discord-client")
+        ready = asyncio.create_task(self.ready.wait())
+        await asyncio.wait(
+            {self._task, ready}, timeout=self._ready_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if self.ready.is_set():
+            self._task.add_done_callback(self._client_ended)
+            return
+        ready.cancel()
+        failure = self._task.exception() if self._task.done() else None
+        await self.stop()
+        raise explain_failure(failure, self.settings, self._ready_timeout)
+
+    async def _run(self, client: YanrayClient, token: str) -> None:
+        async with client:
+            await client.start(token)
+
+    async def stop(self) -> None:
+        """Stop taking messages and close the gateway and HTTP session."""
+        client, task = self._client, self._task
+        self.ready.clear()
+        for pending in list(self._tasks):
+            pending.cancel()
+        if client is not None:
+            await client.close()
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(task, timeout=10)
+            except (TimeoutError, discord.DiscordException, OSError) as exc:
+                logger.debug("Discord: the client ended with %r while closing", exc)
+        if self._restore_urls is not None:
+            self._restore_urls()
+            self._restore_urls = None
+
+    def connected(self) -> None:
+        self.ready.set()
+
+    def _client_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("Discord: the connection ended for good: %r", task.exception())
+
+    async def _wait_ready(self) -> None:
+        await asyncio.wait_for(self.ready.wait(), timeout=self._ready_timeout)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _note_forbidden(self, channel_id: int, why: str) -> None:
+        if channel_id not in self._forbidden:
+            self._forbidden.add(channel_id)
+            logger.warning(
+                "Discord: no permission to answer in channel %s (%s); skipping it", channel_id, why
+            )
+
+    # -- answering -----------------------------------------------------------------------
+
+    def reopen(self, route: Route) -> DiscordReplyStream:
+        reply_to = int(route["message_id"]) if route.get("message_id") else None
+        sink = ChannelSink(self.client, int(route["channel_id"]), reply_to)
+
+        async def previous() -> list[tuple[int | str, str]]:
+            return await sink.previous(self.client.user.id) if self.client.user else []
+
+        return DiscordReplyStream(sink, self.config, adopt=previous)
+
+    def _remember(self, message_id: int, stream: DiscordReplyStream) -> None:
+        self._answers[message_id] = stream
+        self._answers.move_to_end(message_id)
+        while len(self._answers) > _REMEMBERED:
+            self._answers.popitem(last=False)
+
+    async def on_message(self, message: discord.Message) -> None:
+        incoming = self._incoming(message)
+        if incoming is None:
+            return
+        out = DiscordReplyStream(ChannelSink(self.client, message.channel.id, message.id), self.config)
+        if not self._allowed(message.guild.id if message.guild else None, message.channel, incoming):
+            key = (message.channel.id, message.author.id)
+            if key not in self._refused:
+                self._refused.add(key)
+                await out.send(REFUSAL)
+            return
+        if not incoming.text and (message.attachments or message.stickers):
+            await out.send(NON_TEXT)
+            return
+        self._remember(message.id, out)
+        await self.dispatcher.handle(incoming, out)
+
+    async def on_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        if payload.data.get("edited_timestamp") is None:
+            return  # a link preview or other non-edit update
+        message = payload.message
+        before = payload.cached_message
+        if before is not None and before.content == message.content:
+            return
+        incoming = self._incoming(message)
+        if incoming is None or not self._allowed(
+            message.guild.id if message.guild else None, message.channel, incoming
+        ):
+            return
+        old = self._answers.get(message.id)
+        if old is not None:
+            out = old.successor()
+        else:
+            out = self.reopen({"channel_id": message.channel.id, "message_id": message.id})
+        replaced = await self.dispatcher.handle_edit(incoming, out)
+        if old is not None:
+            await old.settle(replaced)
+        if replaced:
+            self._remember(message.id, out)
+
+    async def on_slash(self, interaction: discord.Interaction[Any], text: str) -> None:
+        channel_id = interaction.channel_id or 0
+        incoming = self._make_incoming(
+            channel_id, interaction.user, text, guild_id=interaction.guild_id, message_id=None
+        )
+        if not self._allowed(interaction.guild_id, interaction.channel, incoming):
+            await interaction.response.send_message(REFUSAL, ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        fallback = ChannelSink(self.client, channel_id) if channel_id else None
+        out = DiscordReplyStream(InteractionSink(interaction), self.config, fallback=fallback)
+        await self.dispatcher.handle(incoming, out)
+
+    # -- who is answered -------------------------------------------------------------------
+
+    def _incoming(self, message: discord.Message) -> Incoming | None:
+        """The message as an `Incoming` if it is for Yanray: a DM, a mention of it, a reply to it."""
+        me = self.client.user
+        if me is None or message.author.bot or message.webhook_id or message.type not in _ANSWERED_TYPES:
+            return None
+        mentioned = any(user.id == me.id for user in message.mentions)
+        if not (message.guild is None or mentioned or _replies_to(message, me.id)):
+            return None
+        text = re.sub(rf"\s*<@!?{me.id}>\s*", " ", message.content).strip()
+        reference = message.reference.message_id if message.reference else None
+        return self._make_incoming(
+            message.channel.id,
+            message.author,
+            text,
+            guild_id=message.guild.id if message.guild else None,
+            message_id=message.id,
+            reply_to=reference,
+            mentioned=mentioned,
+        )
+
+    def _make_incoming(
+        self,
+        channel_id: int,
+        user: discord.User | discord.Member,
+        text: str,
+        *,
+        guild_id: int | None,
+        message_id: int | None,
+        reply_to: int | None = None,
+        mentioned: bool = True,
+    ) -> Incoming:
+        return Incoming(
+            platform=self.platform,
+            chat_id=str(channel_id),
+            user_id=str(user.id),
+            display_name=user.display_name,
+            text=text,
+            message_id=_str(message_id),
+            reply_to=_str(reply_to),
+            is_private=guild_id is None,
+            is_mention=mentioned,
+            shared=guild_id is not None and self.settings.discord_channel_mode == "shared",
+            route={"channel_id": str(channel_id), "message_id": _str(message_id)},
+            roles=tuple(str(r.id) for r in getattr(user, "roles", ()) if not r.is_default()),
+        )
+
+    def _allowed(self, guild_id: int | None, channel: Any, incoming: Incoming) -> bool:
+        """Inside the guild/channel/role fence (a DM: only named users while a fence is set)."""
+        s = self.settings
+        if guild_id is None:
+            fenced = s.discord_allowed_guilds or s.discord_allowed_channels or s.discord_allowed_roles
+            who = f"discord:{incoming.user_id}"
+            return not fenced or who in s.allowed_users or who in s.admins
+        if s.discord_allowed_guilds and str(guild_id) not in s.discord_allowed_guilds:
+            return False
+        if s.discord_allowed_channels:
+            places = {str(getattr(channel, "id", "")), str(getattr(channel, "parent_id", ""))}
+            if not places & set(s.discord_allowed_channels):
+                return False
+        return not s.discord_allowed_roles or bool(set(incoming.roles) & set(s.discord_allowed_roles))
+
+
+def _replies_to(message: discord.Message, user_id: int) -> bool:
+    if message.reference is None:
+        return False
+    replied = message.reference.resolved or message.reference.cached_message
+    return isinstance(replied, discord.Message) and replied.author.id == user_id
+
+
+def _str(value: int | None) -> str | None:
+    return None if value is None else str(value)

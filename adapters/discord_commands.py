@@ -1,0 +1,106 @@
+"""Yanray's slash commands on Discord: /ask, /reset, /stop, /retry, /history, /system.
+
+Each command only turns the interaction into the text the dispatcher already understands
+("/history 5", "/system be brief", or the question itself for /ask) and hands it to the
+adapter, which defers the response at once (Discord's 3-second window) and answers by
+editing the deferred response and sending follow-ups. Descriptions come from the
+dispatcher's `COMMANDS` so the menus of every platform say the same thing.
+
+Synced at start-up: to one guild when `YANRAY_DISCORD_GUILD_ID` is set (the commands
+appear at once, handy while testing), otherwise globally (Discord may take a while to
+show new global commands). A failed sync (for example a bot invited without the
+`applications.commands` scope) is logged and the bot runs without slash commands.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import discord
+from discord import app_commands
+
+from yanray.bot.dispatcher import COMMANDS
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[["discord.Interaction[Any]", str], Awaitable[None]]
+ASK_DESCRIPTION = "Ask Yanray a question"
+
+
+def build_commands(handler: Handler) -> list[app_commands.Command[Any, ..., None]]:
+    """The slash commands, each calling `handler(interaction, text for the dispatcher)`."""
+    described = dict(COMMANDS)
+
+    def describe(name: str) -> str:
+        return described.get(name, name)[:100]
+
+    @app_commands.command(name="ask", description=ASK_DESCRIPTION)
+    @app_commands.describe(question="What you want to ask")
+    async def ask(interaction: discord.Interaction[Any], question: str) -> None:
+        await handler(interaction, question)
+
+    @app_commands.command(name="reset", description=describe("reset"))
+    async def reset(interaction: discord.Interaction[Any]) -> None:
+        await handler(interaction, "/reset")
+
+    @app_commands.command(name="stop", description=describe("stop"))
+    async def stop(interaction: discord.Interaction[Any]) -> None:
+        await handler(interaction, "/stop")
+
+    @app_commands.command(name="retry", description=describe("retry"))
+    async def retry(interaction: discord.Interaction[Any]) -> None:
+        await handler(interaction, "/retry")
+
+    @app_commands.command(name="history", description=describe("history"))
+    @app_commands.describe(count="How many messages (default 10)")
+    async def history(
+        interaction: discord.Interaction[Any], count: app_commands.Range[int, 1, 50] | None = None
+    ) -> None:
+        await handler(interaction, "/history" if count is None else f"/history {count}")
+
+    @app_commands.command(name="system", description=describe("system"))
+    @app_commands.describe(instructions="New instructions, or 'default'; leave empty to see them")
+    async def system(interaction: discord.Interaction[Any], instructions: str | None = None) -> None:
+        await handler(interaction, "/system" if not instructions else f"/system {instructions}")
+
+    return [ask, reset, stop, retry, history, system]
+
+
+async def install(tree: app_commands.CommandTree[Any], handler: Handler, guild_id: int | None) -> None:
+    """Add the commands to `tree` and sync them with Discord."""
+    for command in build_commands(handler):
+        tree.add_command(command)
+    tree.on_error = _on_error  # type: ignore[method-assign]
+    guild = discord.Object(id=guild_id) if guild_id else None
+    if guild is not None:
+        tree.copy_global_to(guild=guild)
+    try:
+        synced = await tree.sync(guild=guild)
+    except discord.HTTPException as exc:
+        logger.warning(
+            "Discord: could not register the slash commands (%s); invite the bot with the "
+            "applications.commands scope. Mentions and DMs still work.",
+            exc,
+        )
+        return
+    logger.info(
+        "Discord: %d slash commands synced %s",
+        len(synced),
+        f"to guild {guild_id}" if guild_id else "globally",
+    )
+
+
+async def _on_error(interaction: discord.Interaction[Any], error: app_commands.AppCommandError) -> None:
+    logger.error("Discord: slash command failed", exc_info=error)
+    text = "Sorry, that command failed on my side. Please try again in a moment."
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(
+                text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
+            )
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+    except discord.HTTPException as exc:
+        logger.warning("Discord: could not report the failed command: %s", exc)
