@@ -18,7 +18,7 @@ import pytest
 
 from yanray.bot.errors import ToolError
 from yanray.bot.tools import build_tools
-from yanray.bot.tools.calc_worker import CalcError
+from yanray.bot.tools.calc_rules import CalcError
 from yanray.bot.tools.calculator import Calculator, calculate, calculator_tool
 
 #: slow enough to pass any limit used here: about 10^8 terms

@@ -1,11 +1,11 @@
 """The `calculate` tool: sympy arithmetic and algebra on model output, safely.
 
-Security design, in layers (the rules and limits themselves are in `calc_worker`'s
+Security design, in layers (the rules and limits themselves are in `calc_rules`'s
 docstring):
 
 1. No code path turns text into code: no `eval`, `exec`, `sympify` or `parse_expr`. The
    text is parsed with `ast.parse(mode="eval")` and checked against a fixed allow-list
-   of node types, names and functions (`calc_worker.validate`), here in the parent, so
+   of node types, names and functions (`calc_rules.validate`), here in the parent, so
    that bad input is refused at once with one line, without touching the worker.
 2. Size bounds are checked before anything is computed: text length, bracket nesting,
    AST depth and node count, literal size, and log2 estimates of every exact power,
@@ -48,7 +48,7 @@ from typing import Any
 
 from yanray.bot.errors import ToolError
 from yanray.bot.tools import Tool
-from yanray.bot.tools.calc_worker import CalcError, one_line, validate
+from yanray.bot.tools.calc_rules import CalcError, one_line, validate
 from yanray.engine.base import ToolSpec
 
 logger = logging.getLogger(__name__)
