@@ -1,0 +1,268 @@
+"""Chat formats: how messages become prompt ids, and how a round's ids become text or a tool call.
+
+`ChatGLM3Format` encodes with `engine/tokenizer.py` and reads ChatGLM3 replies: after
+`<|assistant|>` the model writes a metadata line itself. An empty line means an answer
+(leading whitespace stripped, as the reference `chat()` strips); a tool name followed by a
+`tool_call(...)` block means a native tool call, which is never streamed and is parsed
+with `engine/native_tools.py` when the round ends. A new `<|assistant|>` inside a reply
+starts a new block (ChatGLM3 writes "thinking" text and then the call). Role ids, the
+metadata line and padding ids never reach the text.
+
+Choices where the reference is silent:
+
+- a first line that is neither empty nor tool-name-like, or no newline within 64
+  characters, is taken as answer text (the reference would fail on it);
+- a tool-call block that does not parse (`ToolCallError`, e.g. `tool_call(x=__import__('os'))`)
+  is treated as text: its content is shown as the answer, and no tool runs. The
+  `Generation` carries no half-parsed call that the tool loop could misuse;
+- an appended message becomes `block + <|assistant|>` after the kept tokens, so a tool round
+  prefills only the observation's tokens.
+
+`TemplateFormat` serves any transformers chat model through its tokenizer's chat template
+(rendered with `sanitize_control_tokens=True`, so user text cannot write the template's
+control tokens). An observation is sent as a user message `Tools: <content>` (the seed's
+plain format, as the openai backend does), and consecutive messages of one role are joined,
+because many templates insist on alternating roles. Continuing a session re-renders the
+conversation and keeps the cached tokens up to the first difference.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from yanray.engine.base import ChatMessage, EngineError, ToolCall, ToolSpec
+from yanray.engine.native_tools import ToolCallError, is_tool_name, parse_tool_call
+from yanray.engine.tokenizer import ASSISTANT, STOP_IDS, SYSTEM, ChatGLM3Tokenizer, Utf8Stream
+
+logger = logging.getLogger(__name__)
+
+MAX_METADATA_CHARS = 64
+
+
+class ReplyDecoder(Protocol):
+    def ends_round(self, token: int) -> bool:
+        """Whether `token` ends the round (it is then neither fed nor decoded)."""
+        ...
+
+    def feed(self, token: int) -> str:
+        """The answer text `token` adds (may be empty; never a broken character)."""
+        ...
+
+    def finish(self, complete: bool) -> tuple[str, ToolCall | None]:
+        """Remaining answer text, and the tool call if the round ended in a complete one."""
+        ...
+
+
+class ChatFormat(Protocol):
+    native_tools: bool
+
+    def prompt_ids(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]: ...
+
+    def continuation(
+        self,
+        tokens: Sequence[int],
+        transcript: Sequence[ChatMessage],
+        message: ChatMessage,
+        tools: Sequence[ToolSpec],
+    ) -> tuple[int, list[int]]:
+        """(how many of `tokens` stay, the ids to add) for appending `message` after a round."""
+        ...
+
+    def reply_decoder(self, prompt: Sequence[int]) -> ReplyDecoder: ...
+
+
+class _Answer:
+    """Answer text of one reply: strips each block's leading whitespace, separates blocks."""
+
+    def __init__(self) -> None:
+        self.any = False
+        self.block_start = True
+
+    def new_block(self) -> None:
+        self.block_start = True
+
+    def add(self, text: str) -> str:
+        if self.block_start:
+            text = text.lstrip()
+            if not text:
+                return ""
+            if self.any:
+                text = "\n\n" + text
+            self.block_start = False
+        self.any = self.any or bool(text)
+        return text
+
+
+class ChatGLM3ReplyDecoder:
+    def __init__(self, tokenizer: ChatGLM3Tokenizer, *, in_metadata: bool) -> None:
+        self.tokenizer = tokenizer
+        self.phase = "metadata" if in_metadata else "answer"
+        self.stream = Utf8Stream()
+        self.metadata = ""
+        self.call_text = ""
+        self.answer = _Answer()
+        self.answer.block_start = in_metadata
+
+    def ends_round(self, token: int) -> bool:
+        if token in STOP_IDS:
+            return True
+        # a call block is over when the model opens another block
+        return self.phase == "call" and token in (ASSISTANT, SYSTEM)
+
+    def feed(self, token: int) -> str:
+        if token == ASSISTANT:
+            tail = self._text(self.stream.flush())
+            self.stream = Utf8Stream()
+            self.phase, self.metadata = "metadata", ""
+            self.answer.new_block()
+            return tail
+        return self._text(self.stream.feed(self.tokenizer.id_bytes(token)))
+
+    def _text(self, text: str) -> str:
+        if self.phase == "answer":
+            return self.answer.add(text)
+        if self.phase == "call":
+            self.call_text += text
+            return ""
+        self.metadata += text
+        line, newline, rest = self.metadata.partition("\n")
+        if newline:
+            if not line.strip():
+                self.phase = "answer"
+                return self.answer.add(rest)
+            if is_tool_name(line):
+                self.phase, self.metadata, self.call_text = "call", line.strip(), rest
+                return ""
+        if newline or len(self.metadata) > MAX_METADATA_CHARS:
+            self.phase = "answer"
+            return self.answer.add(self.metadata)
+        return ""
+
+    def finish(self, complete: bool) -> tuple[str, ToolCall | None]:
+        tail = self._text(self.stream.flush())
+        if self.phase == "metadata":  # the reply never finished its first line
+            return tail + self.answer.add(self.metadata), None
+        if self.phase != "call" or not complete:
+            return tail, None
+        try:
+            return tail, parse_tool_call(self.metadata, self.call_text)
+        except ToolCallError as exc:
+            logger.warning("the model's %r tool call was refused (%s); shown as text", self.metadata, exc)
+            self.answer.new_block()
+            return tail + self.answer.add(self.call_text.strip()), None
+
+
+class ChatGLM3Format:
+    native_tools = True
+
+    def __init__(self, tokenizer: ChatGLM3Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def prompt_ids(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
+        return self.tokenizer.encode_prompt(messages, tools)
+
+    def continuation(
+        self,
+        tokens: Sequence[int],
+        transcript: Sequence[ChatMessage],
+        message: ChatMessage,
+        tools: Sequence[ToolSpec],
+    ) -> tuple[int, list[int]]:
+        return len(tokens), self.tokenizer.encode_append(message)
+
+    def reply_decoder(self, prompt: Sequence[int]) -> ReplyDecoder:
+        return ChatGLM3ReplyDecoder(self.tokenizer, in_metadata=bool(prompt) and prompt[-1] == ASSISTANT)
+
+
+class TemplateReplyDecoder:
+    """Incremental detokenizer: emit the new suffix once it no longer ends in U+FFFD."""
+
+    def __init__(self, fmt: TemplateFormat) -> None:
+        self.fmt = fmt
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window decoded for context
+        self.read = 0  # end of what has been emitted
+        self.answer = _Answer()
+
+    def ends_round(self, token: int) -> bool:
+        return token in self.fmt.stop_ids
+
+    def _pending(self) -> tuple[str, str]:
+        return self.fmt.decode(self.ids[self.prefix : self.read]), self.fmt.decode(self.ids[self.prefix :])
+
+    def feed(self, token: int) -> str:
+        self.ids.append(token)
+        before, now = self._pending()
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return self.answer.add(now[len(before) :])
+
+    def finish(self, complete: bool) -> tuple[str, ToolCall | None]:
+        before, now = self._pending()
+        return self.answer.add(now[len(before) :]), None
+
+
+class TemplateFormat:
+    native_tools = False
+
+    def __init__(self, tokenizer: Any, stop_ids: frozenset[int]) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template")
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        # fast tokenizers refuse concurrent use ("Already borrowed"); count_tokens runs on the loop
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def conversation(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+        out: list[dict[str, str]] = []
+        for message in messages:
+            role, content = message.role, message.content
+            if role == "observation":
+                role, content = "user", f"Tools: {content}"
+            if out and out[-1]["role"] == role:
+                out[-1]["content"] += "\n\n" + content
+            else:
+                out.append({"role": role, "content": content})
+        return out
+
+    def prompt_ids(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
+        try:
+            with self._lock:
+                ids = self.tokenizer.apply_chat_template(
+                    self.conversation(messages),
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
+                    sanitize_control_tokens=True,
+                )
+        except ValueError as exc:  # this tokenizer turns some control token's text into that token
+            logger.warning("chat template refused the messages: %s", exc)
+            raise EngineError("This message contains text the model treats as a control token.") from None
+        return [int(i) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        with self._lock:
+            return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def continuation(
+        self,
+        tokens: Sequence[int],
+        transcript: Sequence[ChatMessage],
+        message: ChatMessage,
+        tools: Sequence[ToolSpec],
+    ) -> tuple[int, list[int]]:
+        full = self.prompt_ids([*transcript, message], tools)
+        keep = 0
+        for old, new in zip(tokens, full, strict=False):
+            if old != new:
+                break
+            keep += 1
+        return keep, full[keep:]
+
+    def reply_decoder(self, prompt: Sequence[int]) -> ReplyDecoder:
+        return TemplateReplyDecoder(self)

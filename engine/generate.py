@@ -1,0 +1,233 @@
+"""Generation steps for the local engine: prefill, one decode step, sampling, and a whole round.
+
+Everything here runs on the engine thread (see `engine/local.py`). A session's state is a
+`SessionState`: the token ids of the conversation so far and how many of them are in the
+KV cache (`cached`); the rest are prefilled at the start of the next round, with explicit
+position ids (ChatGLM3 positions are plain 0..n-1 over the whole conversation, and Glm's
+cache would otherwise restart them).
+
+Choices where the design is silent:
+
+- Prompts are prefilled in chunks of `PREFILL_CHUNK` tokens and only the last position's
+  logits are computed, so a 32K prompt's activations stay bounded.
+- The token that ends a round by a stop id is not kept (ChatGLM3 history has no end
+  marker; the next block starts with its role id). A token cut by `stop_at`, a stop
+  string, the token limit or cancellation stays in the conversation, unprefilled, so the
+  cache always matches what the model generated.
+- A failed round (any exception, out of memory included) rolls the session back to where
+  the round started (the cache is cropped), so the same session can generate again.
+- The text handed out never runs past a stop: trailing whitespace and anything that could
+  be the start of a `stop` string are held back until decided, so the pieces always join
+  to `Generation.text`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from yanray.engine.base import ChatMessage, EngineError, FinishReason, GenerateOptions, Generation, ToolSpec
+from yanray.engine.chat_format import ChatFormat
+
+PREFILL_CHUNK = 2048
+
+
+@dataclass
+class SessionState:
+    """One conversation on the engine thread."""
+
+    tokens: list[int]
+    tools: Sequence[ToolSpec]
+    transcript: list[ChatMessage] = field(default_factory=list)
+    cache: Any = None  # transformers DynamicCache, created at the first round
+    cached: int = 0  # tokens[:cached] are in the cache
+
+
+def truncate_cache(state: SessionState, length: int) -> None:
+    """Keep the first `length` cached tokens (all layers, even ones a failed step left longer).
+
+    A cache whose layers cannot be cut (e.g. a sliding window past its size) is dropped, and
+    the next round prefills the whole conversation again.
+    """
+    if state.cache is None:
+        state.cached = 0
+        return
+    try:
+        for layer in state.cache.layers:
+            if getattr(layer, "is_initialized", False):
+                extra = layer.keys.shape[-2] - length  # keys: (B, kv_heads, T, D)
+                if extra > 0:
+                    layer.crop(-extra)
+    except (RuntimeError, ValueError, AttributeError):
+        state.cache, state.cached = None, 0
+        return
+    state.cached = min(state.cached, length)
+
+
+def prefill(model: Any, cache: Any, ids: Sequence[int], start: int, device: torch.device) -> torch.Tensor:
+    """Feed `ids` at positions start.. into the cache; the next-token logits (float32, (vocab,))."""
+    logits = None
+    for offset in range(0, len(ids), PREFILL_CHUNK):
+        chunk = torch.tensor([list(ids[offset : offset + PREFILL_CHUNK])], dtype=torch.long, device=device)
+        first = start + offset
+        positions = torch.arange(first, first + chunk.shape[1], device=device).unsqueeze(0)  # (1, T)
+        out = model(input_ids=chunk, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits
+    if logits is None:
+        raise ValueError("nothing to prefill")
+    return logits[0, -1].float()
+
+
+def decode_one_token(model: Any, cache: Any, token: int, position: int, device: torch.device) -> torch.Tensor:
+    ids = torch.tensor([[token]], dtype=torch.long, device=device)  # (1, 1)
+    positions = torch.tensor([[position]], dtype=torch.long, device=device)
+    out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
+    return out.logits[0, -1].float()
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0, else temperature + nucleus (top_p) sampling."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if 0 < top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs[before >= top_p] = 0.0  # keep the smallest set whose mass reaches top_p
+        choice = torch.multinomial(sorted_probs.to("cpu"), 1, generator=generator)
+        return int(order[int(choice)])
+    return int(torch.multinomial(probs.to("cpu"), 1, generator=generator))
+
+
+class VisibleText:
+    """The round's answer text, cut at stops, with what may be handed out so far."""
+
+    def __init__(self, options: GenerateOptions) -> None:
+        self.stop = [s for s in options.stop if s]
+        self.stop_at = options.stop_at
+        self.text = ""
+        self.sent = 0
+        self.cut = False
+
+    def add(self, piece: str) -> bool:
+        """Add text; True when a stop was found (the text is then cut there)."""
+        if not piece or self.cut:
+            return self.cut
+        self.text += piece
+        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if self.stop_at is not None:
+            at = self.stop_at(self.text)
+            if at is not None:
+                cuts.append(max(0, min(at, len(self.text))))
+        if cuts:
+            self.text = self.text[: min(cuts)]
+            self.cut = True
+        return self.cut
+
+    def _held(self) -> int:
+        """How many trailing characters might still turn out to be a stop or trailing space."""
+        held = len(self.text) - len(self.text.rstrip())
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:n]):
+                    held = max(held, n)
+                    break
+        return held
+
+    def ready(self, final: bool = False) -> str:
+        """The text that can be handed out now (and marks it handed out)."""
+        if final and not self.cut:
+            self.text = self.text.rstrip()
+        end = len(self.text) if final or self.cut else len(self.text) - self._held()
+        piece = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+
+def run_round(
+    model: Any,
+    state: SessionState,
+    fmt: ChatFormat,
+    options: GenerateOptions,
+    *,
+    emit: Callable[[str], None],
+    max_context: int,
+    device: torch.device,
+    generator: torch.Generator | None,
+    new_cache: Callable[[], Any],
+) -> Generation:
+    """Prefill what is new in `state`, then generate until a stop; roll back on failure."""
+    start_tokens, start_cached = len(state.tokens), state.cached
+    if len(state.tokens) >= max_context:
+        raise EngineError(
+            f"The conversation is {len(state.tokens)} tokens long; the model's context is {max_context}."
+        )
+    try:
+        return _round(model, state, fmt, options, emit, max_context, device, generator, new_cache)
+    except BaseException:
+        del state.tokens[start_tokens:]
+        truncate_cache(state, start_cached)
+        raise
+
+
+def _round(
+    model: Any,
+    state: SessionState,
+    fmt: ChatFormat,
+    options: GenerateOptions,
+    emit: Callable[[str], None],
+    max_context: int,
+    device: torch.device,
+    generator: torch.Generator | None,
+    new_cache: Callable[[], Any],
+) -> Generation:
+    if state.cache is None:
+        state.cache = new_cache()
+    if state.cached >= len(state.tokens):  # nothing new: feed the last token again for fresh logits
+        truncate_cache(state, len(state.tokens) - 1)
+    if state.cache is None:
+        state.cache = new_cache()
+    new = state.tokens[state.cached :]
+    decoder = fmt.reply_decoder(state.tokens)
+    visible = VisibleText(options)
+    cancel: threading.Event = options.cancel
+    finish: FinishReason = "length"
+    produced = 0
+    with torch.inference_mode():
+        logits = prefill(model, state.cache, new, state.cached, device)
+        state.cached = len(state.tokens)
+        budget = min(options.max_new_tokens, max_context - len(state.tokens))
+        while produced < budget:
+            if cancel.is_set():
+                finish = "cancelled"
+                break
+            token = sample(logits, options.temperature, options.top_p, generator)
+            produced += 1
+            if decoder.ends_round(token):
+                finish = "stop"
+                break
+            state.tokens.append(token)
+            if visible.add(decoder.feed(token)):
+                finish = "stop"
+                break
+            piece = visible.ready()
+            if piece:
+                emit(piece)
+            if produced >= budget:
+                break
+            logits = decode_one_token(model, state.cache, token, len(state.tokens) - 1, device)
+            state.cached = len(state.tokens)
+    tail, call = decoder.finish(complete=finish == "stop" and not visible.cut)
+    visible.add(tail)
+    piece = visible.ready(final=True)
+    if piece:
+        emit(piece)
+    if call is not None:
+        finish = "tool_call"
+    return Generation(
+        text=visible.text, finish=finish, tool_call=call, prompt_tokens=len(new), new_tokens=produced
+    )

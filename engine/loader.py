@@ -1,0 +1,186 @@
+"""Loading for the local engine: which kind of folder, will it fit, and the model + chat format.
+
+Runs on the engine thread (`LocalEngine.load` submits it there). The kind of folder is
+decided from its files, in this order: a Yanray INT8 folder (`engine/int8.py` says), a
+ChatGLM3 release (`config.json` of model_type `chatglm`), otherwise a transformers folder
+whose tokenizer has a chat template. An INT8 folder made from ChatGLM3 is recognised as
+ChatGLM3 by its config (the ChatGLM3 config, or a `glm` config with ChatGLM3's 65,024-row
+vocabulary) and a `tokenizer.model`.
+
+The memory guard runs before any weight is read, with the shape taken from a model built on
+the meta device. The context is `max_context` when given, else the model's own
+(`seq_length`, 32768 for ChatGLM3-6B-32K); a value above the model's own is lowered to it,
+since positions past its training length give nonsense.
+
+ChatGLM3 and INT8 weights go straight onto the device, shard by shard. A generic
+transformers folder is read with `from_pretrained` on the CPU and then moved: a
+`device_map` would need `accelerate`, and its offloading is exactly what Yanray must not do.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yanray.engine.base import EngineUnavailable
+from yanray.engine.chat_format import ChatFormat, ChatGLM3Format, TemplateFormat
+from yanray.engine.chatglm3 import glm_config, is_chatglm3_config, load_glm_model, read_config
+from yanray.engine.device import (
+    check_fits,
+    free_memory,
+    model_shape,
+    resolve_device,
+    resolve_dtype,
+    stored_weight_bytes,
+)
+from yanray.engine.tokenizer import ChatGLM3Tokenizer
+
+logger = logging.getLogger(__name__)
+
+CHATGLM3_VOCAB = 65024
+
+
+@dataclass
+class LoadedParts:
+    model: Any
+    fmt: ChatFormat
+    device: torch.device
+    max_context: int
+    label: str
+
+
+def _is_int8(folder: Path) -> bool:
+    try:
+        from yanray.engine.int8 import is_int8_folder
+    except ImportError:  # the INT8 module is optional at this layer
+        return False
+    return bool(is_int8_folder(folder))
+
+
+def is_chatglm3_folder(folder: Path, cfg: dict[str, Any]) -> bool:
+    if is_chatglm3_config(cfg):
+        return True
+    return (
+        cfg.get("model_type") == "glm"
+        and int(cfg.get("vocab_size", 0)) == CHATGLM3_VOCAB
+        and (folder / "tokenizer.model").is_file()
+    )
+
+
+def _meta_model(folder: Path, cfg: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, GlmForCausalLM
+
+    config: Any
+    if is_chatglm3_config(cfg):
+        config = glm_config(cfg)
+        with torch.device("meta"):
+            return GlmForCausalLM(config), config
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False), config
+
+
+def _model_context(config: Any) -> int:
+    for key in ("max_position_embeddings", "seq_length", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 4096
+
+
+def _template_format(folder: Path, model: Any) -> TemplateFormat:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    stops: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            stops.add(value)
+        elif isinstance(value, list | tuple):
+            stops.update(int(v) for v in value)
+    return TemplateFormat(tokenizer, frozenset(stops))
+
+
+def load_parts(
+    model: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_context: int = 0,
+    data_dir: Path | None = None,
+) -> LoadedParts:
+    from yanray.engine.hub import resolve_model
+
+    folder = resolve_model(str(model), data_dir=data_dir or Path("data"))
+    if not (folder / "config.json").is_file():
+        raise EngineUnavailable(
+            f"{folder} has no config.json; YANRAY_MODEL must be a model folder or a hub id"
+        )
+    target = resolve_device(device)
+    compute = resolve_dtype(dtype, target)
+    try:
+        cfg = read_config(folder)
+        int8 = _is_int8(folder)
+        chatglm = is_chatglm3_folder(folder, cfg)
+        meta, config = _meta_model(folder, cfg)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EngineUnavailable(f"cannot read the model in {folder}: {exc}") from None
+    own = _model_context(config)
+    context = min(max_context, own) if max_context else own
+    if max_context > own:
+        logger.warning("YANRAY_MAX_CONTEXT=%d is longer than the model's %d; using %d", max_context, own, own)
+    free = free_memory(target)
+    if free is not None:
+        where = (
+            f"the GPU ({torch.cuda.get_device_name(target)})"
+            if target.type == "cuda"
+            else "this machine's RAM"
+        )
+        weights = stored_weight_bytes(sorted(folder.glob("*.safetensors")), compute) if int8 else None
+        estimate = check_fits(
+            model_shape(meta, config),
+            free=free,
+            context=context,
+            dtype=compute,
+            int8=int8,
+            where=where,
+            weights=weights,
+        )
+        logger.info("memory estimate %.1f GiB of %.1f GiB free", estimate.total / 2**30, free / 2**30)
+    del meta
+
+    logger.info(
+        "loading %s (%s) onto %s as %s, context %d",
+        folder,
+        "INT8" if int8 else "ChatGLM3" if chatglm else "transformers",
+        target,
+        compute,
+        context,
+    )
+    try:
+        if int8:
+            from yanray.engine.int8 import load_int8_model
+
+            loaded: Any = load_int8_model(folder, device=target, dtype=compute)
+        elif chatglm:
+            loaded = load_glm_model(folder, device=target, dtype=compute, cfg=cfg)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            loaded = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=compute, local_files_only=True, trust_remote_code=False
+            ).to(target)
+        loaded.eval()
+        fmt: ChatFormat
+        if chatglm:
+            fmt = ChatGLM3Format(ChatGLM3Tokenizer(folder / "tokenizer.model"))
+        else:
+            fmt = _template_format(folder, loaded)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EngineUnavailable(f"cannot load the model in {folder}: {exc}") from None
+    return LoadedParts(model=loaded, fmt=fmt, device=target, max_context=context, label=str(folder))

@@ -1,0 +1,238 @@
+"""The `local` backend: a transformers model in this process, behind the engine protocol.
+
+`LocalEngine.load(model, ...)` finds the model (a folder, or a hub id fetched and quantized
+once by `engine/hub.py`), picks device and dtype (`engine/device.py`), refuses before
+loading if it would not fit, and loads one of:
+
+- a Yanray INT8 folder (`engine/int8.py`),
+- a ChatGLM3 release folder, into transformers' native `GlmForCausalLM`
+  (`engine/chatglm3.py`), with the ChatGLM3 prompt format (`engine/tokenizer.py`),
+- any other transformers causal LM folder whose tokenizer has a chat template
+  (`trust_remote_code=False`, local files only).
+
+One engine thread (a single-worker executor) does all torch work, loading included; the
+event loop only awaits it. Text pieces cross back with `loop.call_soon_threadsafe`, so they
+reach `on_text` in order and before the round's result. `options.cancel` is checked every
+token, and is also set when the awaiting task is cancelled. A failing round (out of memory
+included) rolls its session back, frees cached GPU memory, and raises `EngineError` with one
+line for the user; the engine and the session keep working.
+
+A session keeps its KV cache: `append` only encodes the message, and the next round
+prefills just those tokens; `Generation.prompt_tokens` is the number prefilled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import random
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from yanray.engine.base import (
+    ChatMessage,
+    EngineError,
+    EngineUnavailable,
+    GenerateOptions,
+    Generation,
+    TextCallback,
+    ToolSpec,
+)
+from yanray.engine.chat_format import ChatFormat
+from yanray.engine.generate import SessionState, run_round, truncate_cache
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class LocalEngine:
+    """A loaded model and its chat format, served from one engine thread."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        fmt: ChatFormat,
+        device: torch.device,
+        max_context: int,
+        executor: ThreadPoolExecutor,
+        seed: int | None = None,
+        label: str = "",
+    ) -> None:
+        self.model = model
+        self.fmt = fmt
+        self.device = device
+        self.max_context = max_context
+        self.native_tools = fmt.native_tools
+        self.label = label
+        self._executor = executor
+        self._generator = torch.Generator(device="cpu")
+        self._generator.manual_seed(seed if seed is not None else random.randrange(2**63))
+        self._closed = False
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_context: int = 0,
+        data_dir: Path | None = None,
+        seed: int | None = None,
+    ) -> LocalEngine:
+        """Load `model` (blocking; call it in a thread). Raises `EngineUnavailable` with one line."""
+        from yanray.engine.loader import load_parts
+
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yanray-engine")
+        try:
+            parts = executor.submit(
+                load_parts, model, device=device, dtype=dtype, max_context=max_context, data_dir=data_dir
+            ).result()
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(
+            model=parts.model,
+            fmt=parts.fmt,
+            device=parts.device,
+            max_context=parts.max_context,
+            executor=executor,
+            seed=seed,
+            label=parts.label,
+        )
+
+    # -- the protocol ------------------------------------------------------------------
+
+    def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
+        return len(self.fmt.prompt_ids(messages, tools if self.native_tools else ()))
+
+    async def start(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> LocalSession:
+        self._check_open()
+        tools = tuple(tools) if self.native_tools else ()
+        # tokenizing is not torch work: a thread of its own, so it does not wait behind a generation
+        ids = await asyncio.to_thread(self.fmt.prompt_ids, messages, tools)
+        return LocalSession(self, SessionState(tokens=ids, tools=tools, transcript=list(messages)))
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._run(self._release)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    # -- the engine thread -------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineUnavailable("The local model has been shut down.")
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def _release(self) -> None:
+        self.model = None
+        self._free_memory()
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _generate(
+        self, state: SessionState, options: GenerateOptions, emit: Callable[[str], None]
+    ) -> Generation:
+        if self.model is None:
+            raise EngineUnavailable("The local model has been shut down.")
+        failure: EngineError
+        try:
+            generation = run_round(
+                self.model,
+                state,
+                self.fmt,
+                options,
+                emit=emit,
+                max_context=self.max_context,
+                device=self.device,
+                generator=self._generator,
+                new_cache=self._new_cache,
+            )
+        except EngineError:
+            raise
+        except torch.OutOfMemoryError:
+            logger.exception("out of memory while generating (%d tokens in the session)", len(state.tokens))
+            failure = EngineError(
+                "The model ran out of memory on this request; try a shorter message or /reset."
+            )
+        except Exception:  # the engine's one central handler: any failure ends this request only
+            logger.exception("generation failed")
+            failure = EngineError("The model failed on this request (the log has details); please try again.")
+        else:
+            call = generation.tool_call
+            state.transcript.append(ChatMessage("assistant", generation.text, name=call.name if call else ""))
+            return generation
+        # outside the except blocks, so the traceback (and the tensors its frames hold) is gone
+        self._free_memory()
+        raise failure
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _append(self, state: SessionState, message: ChatMessage) -> None:
+        keep, new = self.fmt.continuation(state.tokens, state.transcript, message, state.tools)
+        if keep < state.cached:
+            truncate_cache(state, keep)
+        del state.tokens[keep:]
+        state.tokens.extend(new)
+        state.transcript.append(message)
+
+    @staticmethod
+    def _close(state: SessionState) -> None:
+        state.cache, state.cached = None, 0
+        state.tokens.clear()
+
+
+class LocalSession:
+    """One conversation being answered; owns its KV cache."""
+
+    def __init__(self, engine: LocalEngine, state: SessionState) -> None:
+        self.engine = engine
+        self.state = state
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the conversation so far (prompt, replies and appended messages)."""
+        return len(self.state.tokens)
+
+    async def generate(self, options: GenerateOptions, on_text: TextCallback | None = None) -> Generation:
+        self.engine._check_open()
+        loop = asyncio.get_running_loop()
+
+        def emit(piece: str) -> None:
+            if on_text is not None:
+                loop.call_soon_threadsafe(on_text, piece)
+
+        try:
+            return await self.engine._run(self.engine._generate, self.state, options, emit)
+        except asyncio.CancelledError:
+            options.cancel.set()  # the thread stops at the next token
+            raise
+
+    async def append(self, message: ChatMessage) -> None:
+        self.engine._check_open()
+        await self.engine._run(self.engine._append, self.state, message)
+
+    async def close(self) -> None:
+        if not self.engine._closed:
+            await self.engine._run(self.engine._close, self.state)
