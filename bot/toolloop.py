@@ -30,7 +30,8 @@ from typing import Any
 
 from yanray.bot.errors import ToolError
 from yanray.bot.tools import Tool
-from yanray.engine.base import ChatMessage, EngineSession, GenerateOptions, Generation
+from yanray.engine.base import ChatMessage, EngineSession, GenerateOptions, Generation, ToolCall
+from yanray.engine.native_tools import tool_call_content
 
 logger = logging.getLogger(__name__)
 
@@ -116,18 +117,16 @@ class ToolLoop:
             generation = await session.generate(opts, on_text)
             result.finish = generation.finish
             call = self._find_call(generation) if allow_tools else None
+            if call is None and generation.tool_call is not None:
+                # a native call past the limit: the model is told to answer without tools
+                extra = generation.tool_call
+                self._record(result, shown, generation, extra.name, extra.arguments, NO_MORE_TOOLS, True)
+                await session.append(ChatMessage("observation", NO_MORE_TOOLS, extra.name))
+                continue
             if call is None:
-                if generation.tool_call is not None:
-                    # a native call past the limit: tell the model, keep its text out of sight
-                    result.rounds.append(
-                        Round(text=generation.text, tool_name=generation.tool_call.name, native=True)
-                    )
-                    await session.append(ChatMessage("observation", NO_MORE_TOOLS, generation.tool_call.name))
-                    continue
                 result.rounds.append(Round(text=generation.text))
                 shown.append(_strip_calls(generation.text, self._pattern))
-                result.visible = "".join(shown).strip()
-                return result
+                break
             name, arguments, native = call
             key = (name, json.dumps(arguments, sort_keys=True, default=str))
             if key in cache:
@@ -135,16 +134,34 @@ class ToolLoop:
                 logger.info("tool %s repeated with the same arguments; reusing the first result", name)
             else:
                 observation = cache[key] = await self._run_tool(name, arguments)
-            result.rounds.append(
-                Round(text=generation.text, tool_name=name, observation=observation, native=native)
-            )
-            if not native:
-                shown.append(_strip_calls(generation.text, self._pattern))
+            self._record(result, shown, generation, name, arguments, observation, native)
             await session.append(ChatMessage("observation", observation, name))
             if generation.finish == "cancelled":
                 break
         result.visible = "".join(shown).strip()
         return result
+
+    def _record(
+        self,
+        result: LoopResult,
+        shown: list[str],
+        generation: Generation,
+        name: str,
+        arguments: Mapping[str, Any],
+        observation: str,
+        native: bool,
+    ) -> None:
+        if not native:
+            result.rounds.append(Round(text=generation.text, tool_name=name, observation=observation))
+            shown.append(_strip_calls(generation.text, self._pattern))
+            return
+        # text the model wrote before its call block is an ordinary, visible round; the call is
+        # stored in ChatGLM3's own form, so the history re-encodes it as the model wrote it
+        if generation.text:
+            result.rounds.append(Round(text=generation.text))
+            shown.append(generation.text.rstrip() + "\n\n")
+        call_text = tool_call_content(ToolCall(name, arguments))
+        result.rounds.append(Round(text=call_text, tool_name=name, observation=observation, native=True))
 
     def _find_call(self, generation: Generation) -> tuple[str, Mapping[str, Any], bool] | None:
         if generation.tool_call is not None:

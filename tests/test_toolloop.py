@@ -131,7 +131,7 @@ class NativeSession:
 
     async def generate(self, options: GenerateOptions, on_text: TextCallback | None = None) -> Generation:
         generation = self.script.pop(0)
-        if on_text is not None and generation.tool_call is None:
+        if on_text is not None and generation.text:
             on_text(generation.text)
         return generation
 
@@ -146,7 +146,7 @@ async def test_native_tool_call_is_answered_with_an_observation() -> None:
     handler = Counting()
     session = NativeSession(
         [
-            Generation('```python\ntool_call(x="a")\n```', "tool_call", ToolCall("count", {"x": "a"})),
+            Generation("Let me count.", "tool_call", ToolCall("count", {"x": "a"})),
             Generation("The count is 1.", "stop"),
         ]
     )
@@ -155,8 +155,11 @@ async def test_native_tool_call_is_answered_with_an_observation() -> None:
     result = await loop.run(session, options=GenerateOptions, on_visible=shown.append)  # type: ignore[arg-type]
     assert handler.calls == [{"x": "a"}]
     assert session.appended == [ChatMessage("observation", "result 1", "count")]
-    assert result.visible == "The count is 1." and shown == ["The count is 1."]
-    assert result.rounds[0].native and result.rounds[0].tool_name == "count"
+    assert result.visible == "Let me count.\n\nThe count is 1."
+    assert shown[-1] == result.visible
+    call = result.rounds[1]
+    assert call.native and call.tool_name == "count" and call.text == '```python\ntool_call(x="a")\n```'
+    assert call.observation == "result 1"
 
 
 async def test_engine_failing_mid_stream_tells_the_user_and_keeps_serving(
