@@ -25,6 +25,8 @@ from yanray.storage import Database
 
 logger = logging.getLogger(__name__)
 
+DELIVERY_GRACE = 10.0  # seconds a stored answer may take to go out at shut-down
+
 
 class Core:
     def __init__(self, *, settings: Settings, db: Database, engine: Engine) -> None:
@@ -55,8 +57,10 @@ class Core:
 
     async def wait_idle(self) -> None:
         """Until nothing is queued or running (tests and the pipe mode of `yanray chat`)."""
-        while len(self.queue) or self.queue.running is not None:
+        while len(self.queue) or self.queue.running is not None or self.worker.deliveries:
             await self.worker.idle.wait()
+            if self.worker.deliveries:
+                await asyncio.wait(self.worker.deliveries)
             await asyncio.sleep(0)
 
     async def aclose(self) -> None:
@@ -65,6 +69,12 @@ class Core:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self.worker.deliveries:
+            # answers already stored get a moment to go out; the rest go out at the next start
+            _done, late = await asyncio.wait(self.worker.deliveries, timeout=DELIVERY_GRACE)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         for tool in self.worker.tools.values():
             if tool.close is not None:
                 tool.close()

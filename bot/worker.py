@@ -4,7 +4,8 @@ For each job it marks the stored request running, builds the prompt (system prom
 history within the token budget), runs the tool loop on a fresh engine session while
 streaming the visible text to the adapter, then stores every round, tool result and
 the reply and marks the request done in one transaction, and only then delivers the
-final text and marks it delivered.
+final text (in the background, so a platform's rate limit does not hold up the engine)
+and marks it delivered.
 
 Exactly once: a request is answered from its stored reply if the process died after
 storing it but before delivering; a request left queued or running is generated
@@ -64,6 +65,8 @@ class EngineWorker:
         self.adapters: dict[str, Adapter] = {}
         self.idle = asyncio.Event()
         self.idle.set()
+        #: final answers on their way to the platforms
+        self.deliveries: set[asyncio.Task[None]] = set()
         #: seconds spent inside the engine vs in the whole request, for the pipeline benchmark
         self.timings: list[tuple[float, float]] = []
 
@@ -216,7 +219,12 @@ class EngineWorker:
             # keep what was already written, marked as cut short
             await self._deliver(job.request_id, job.out, f"{reply}\n\n[{error}]", True, error)
         else:
-            await self._deliver(job.request_id, job.out, reply, status == "done", error)
+            # Delivery can wait on a platform's rate limit (a group's edit slot); the engine
+            # need not: the final text goes out in the background while the next job runs.
+            # A cancelled job delivers first, since an edit's new answer reuses its message.
+            task = asyncio.create_task(self._deliver(job.request_id, job.out, reply, status == "done", error))
+            self.deliveries.add(task)
+            task.add_done_callback(self.deliveries.discard)
 
     async def _store_rounds(
         self, session: Any, conversation_id: int, request_id: int, turn: int, result: LoopResult

@@ -135,11 +135,20 @@ async def finish_request(
     request.error = error
     request.finished_at = utcnow()
     if status != "done":
-        await session.execute(
-            update(Message)
-            .where((Message.request_id == request_id) | (Message.id == request.user_message_id))
-            .values(superseded=True)
+        await session.execute(update(Message).where(Message.request_id == request_id).values(superseded=True))
+        # the question leaves the context too, unless a newer request asks it again (a retry,
+        # an edit) while this one is being closed
+        again = await session.scalar(
+            select(Request.id).where(
+                Request.user_message_id == request.user_message_id,
+                Request.id != request_id,
+                Request.status.in_(PENDING),
+            )
         )
+        if again is None:
+            await session.execute(
+                update(Message).where(Message.id == request.user_message_id).values(superseded=True)
+            )
 
 
 async def mark_delivered(*, session: AsyncSession, request_id: int) -> None:
