@@ -1,0 +1,307 @@
+"""The Telegram adapter: python-telegram-bot v22 in front of Yanray's dispatcher.
+
+`TelegramAdapter(settings=..., dispatcher=...)`, then `await start()` (returns once
+polling or the webhook runs, in the current event loop: `Application.initialize/start`
+and `updater.start_polling`, never `run_polling`, which would own the loop) and
+`await stop()`. `YANRAY_TELEGRAM_BASE_URL` points PTB at a self-hosted Bot API server
+(or the tests' fake); with `YANRAY_TELEGRAM_WEBHOOK_URL` set, updates come by webhook
+on `YANRAY_TELEGRAM_WEBHOOK_LISTEN`:`_PORT`, at the URL's path, checked with
+`YANRAY_TELEGRAM_WEBHOOK_SECRET`.
+
+Who it answers: every message in a private chat; in a group an @mention of the bot (by
+entity: `mention` of @botname or `text_mention` of the bot's id), a reply to one of its
+messages, or a command (`/cmd` or `/cmd@botname`). The mention is removed from the text.
+A caption counts as text; photos, stickers, voice and files without one get a short
+note. Access control, commands and the queue are the dispatcher's (`yanray.bot`);
+this module only builds `Incoming` and `TelegramReply` values (`telegram_stream`).
+
+Updates are handled concurrently across chats but in order within a chat (a per-chat
+lock in the update processor), so one slow chat never holds up the others.
+Edits of a user's message go to `dispatcher.handle_edit` with a stream that takes over
+the bot's earlier reply, so that reply is edited to the new answer (after a restart the
+link is gone and the new answer comes as a new message). A chat that blocked the bot is
+not written to until a message from it arrives again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable
+from typing import Any
+from urllib.parse import urlsplit
+
+from telegram import Bot, BotCommand, Message, MessageEntity, Update
+from telegram.constants import ChatType
+from telegram.error import TelegramError
+from telegram.ext import Application, BaseUpdateProcessor, ContextTypes, MessageHandler, filters
+
+from yanray.adapters.telegram_stream import StreamContext, TelegramReply
+from yanray.bot.dispatcher import COMMANDS, Dispatcher
+from yanray.bot.errors import ConfigError
+from yanray.bot.settings import Settings
+from yanray.bot.types import Incoming, Route
+
+logger = logging.getLogger(__name__)
+
+NON_TEXT_NOTE = (
+    "I can only read text for now, so I can't see photos, stickers, voice messages or files. "
+    "Please write your question (a caption on a photo counts)."
+)
+APOLOGY = "Sorry, something went wrong on my side. Please try again."
+UPDATES = ["message", "edited_message"]
+
+
+class PerChatProcessor(BaseUpdateProcessor):
+    """Concurrent updates, but one at a time per chat so a user's messages keep their order."""
+
+    def __init__(self, max_concurrent_updates: int) -> None:
+        super().__init__(max_concurrent_updates)
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._users: Counter[int] = Counter()
+
+    async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
+        chat = update.effective_chat if isinstance(update, Update) else None
+        if chat is None:
+            await coroutine
+            return
+        self._users[chat.id] += 1
+        lock = self._locks.setdefault(chat.id, asyncio.Lock())
+        try:
+            async with lock:
+                await coroutine
+        finally:
+            self._users[chat.id] -= 1
+            if not self._users[chat.id]:
+                del self._users[chat.id], self._locks[chat.id]
+
+    async def initialize(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+
+def _utf16(text: str) -> bytes:
+    return text.encode("utf-16-le")
+
+
+def _remove_spans(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` without the given (offset, length) spans, counted in UTF-16 units as Telegram does."""
+    data = _utf16(text)
+    for offset, length in sorted(spans, reverse=True):
+        before, after = data[: offset * 2], data[(offset + length) * 2 :]
+        if before.endswith(b" \x00") and after.startswith(b" \x00"):
+            after = after[2:]  # "hey @bot what" -> "hey what"
+        data = before + after
+    return data.decode("utf-16-le").strip()
+
+
+class TelegramAdapter:
+    platform = "telegram"
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        draft_interval: float = 1.0,
+        retry_base: float = 0.5,
+    ) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.app: Application[Any, Any, Any, Any, Any, Any] | None = None
+        self.ctx = StreamContext(
+            get_bot=self._bot,
+            edit_interval=settings.telegram_edit_interval,
+            draft_interval=draft_interval,
+            retry_base=retry_base,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _bot(self) -> Bot:
+        if self.app is None:
+            raise RuntimeError("the Telegram adapter is not running")
+        return self.app.bot
+
+    async def start(self) -> None:
+        token = self.settings.secret("telegram_token")
+        if not token:
+            raise ConfigError("YANRAY_TELEGRAM_TOKEN is not set")
+        base_url = self.settings.telegram_base_url
+        file_url = base_url[: -len("/bot")] + "/file/bot" if base_url.endswith("/bot") else base_url
+        app = (
+            Application.builder()
+            .token(token)
+            .base_url(base_url)
+            .base_file_url(file_url)
+            .concurrent_updates(PerChatProcessor(256))
+            .build()
+        )
+        app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        app.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self._on_edit))
+        app.add_error_handler(self._on_error)
+        await app.initialize()  # getMe: a wrong token or base URL fails here
+        try:
+            try:
+                await app.bot.set_my_commands([BotCommand(name, about) for name, about in COMMANDS])
+            except TelegramError as exc:
+                logger.warning("could not register the command menu: %s", exc)
+            await app.start()
+            self.app, self.ctx.running = app, True
+            assert app.updater is not None
+            if self.settings.telegram_webhook_url:
+                url = self.settings.telegram_webhook_url
+                await app.updater.start_webhook(
+                    listen=self.settings.telegram_webhook_listen,
+                    port=self.settings.telegram_webhook_port,
+                    url_path=urlsplit(url).path.lstrip("/"),
+                    webhook_url=url,
+                    secret_token=self.settings.secret("telegram_webhook_secret"),
+                    allowed_updates=UPDATES,
+                )
+            else:
+                await app.updater.start_polling(allowed_updates=UPDATES)
+        except BaseException:
+            self.app, self.ctx.running = None, False
+            if app.running:
+                await app.stop()
+            await app.shutdown()
+            raise
+        logger.info(
+            "Telegram: @%s is %s",
+            app.bot.username,
+            "on its webhook" if self.settings.telegram_webhook_url else "polling",
+        )
+
+    async def stop(self) -> None:
+        """Stop taking updates, let handlers finish, close the HTTP client."""
+        app = self.app
+        if app is None:
+            return
+        if app.updater is not None and app.updater.running:
+            await app.updater.stop()
+        if app.running:
+            await app.stop()  # waits for handlers still running; they may still answer
+        self.app, self.ctx.running = None, False
+        for stream in list(self.ctx.live):
+            stream.abort()
+        await app.shutdown()
+
+    def reopen(self, route: Route) -> TelegramReply:
+        return TelegramReply(
+            self.ctx,
+            chat_id=int(route["chat_id"]),
+            reply_to=route.get("message_id"),
+            private=bool(route.get("private", True)),
+            thread_id=route.get("thread_id"),
+        )
+
+    # -- updates -----------------------------------------------------------------------
+
+    def _for_us(self, message: Message) -> tuple[bool, bool, str | None]:
+        """(addressed to the bot, by mention, the text without the mention)."""
+        text = message.text if message.text is not None else message.caption
+        entities = message.entities if message.text is not None else message.caption_entities
+        if message.chat.type == ChatType.PRIVATE:
+            return True, False, text
+        bot = self._bot()
+        name = f"@{bot.username}".lower()
+        spans: list[tuple[int, int]] = []
+        command = False
+        for entity in entities or ():
+            value = _utf16(text or "")[entity.offset * 2 : (entity.offset + entity.length) * 2].decode(
+                "utf-16-le"
+            )
+            if entity.type == MessageEntity.MENTION and value.lower() == name:
+                spans.append((entity.offset, entity.length))
+            elif (
+                entity.type == MessageEntity.TEXT_MENTION
+                and entity.user is not None
+                and entity.user.id == bot.id
+            ):
+                spans.append((entity.offset, entity.length))
+            elif entity.type == MessageEntity.BOT_COMMAND and entity.offset == 0:
+                command = "@" not in value or value.lower().endswith(name)
+        replied = message.reply_to_message
+        to_bot = replied is not None and replied.from_user is not None and replied.from_user.id == bot.id
+        if not spans and not to_bot and not command:
+            return False, False, text
+        return True, bool(spans), _remove_spans(text, spans) if text is not None and spans else text
+
+    def _incoming(self, message: Message, text: str, mention: bool) -> Incoming:
+        user = message.from_user
+        assert user is not None
+        private = message.chat.type == ChatType.PRIVATE
+        thread = message.message_thread_id if message.is_topic_message else None
+        route: dict[str, Any] = {
+            "chat_id": message.chat.id,
+            "message_id": message.message_id,
+            "private": private,
+        }
+        if thread is not None:
+            route["thread_id"] = thread
+        replied = message.reply_to_message
+        return Incoming(
+            platform=self.platform,
+            chat_id=str(message.chat.id),
+            user_id=str(user.id),
+            display_name=user.full_name,
+            text=text,
+            message_id=str(message.message_id),
+            reply_to=str(replied.message_id) if replied is not None else None,
+            is_private=private,
+            is_mention=mention,
+            shared=not private and self.settings.telegram_group_mode == "shared",
+            route=route,
+        )
+
+    def _stream(self, incoming: Incoming, takeover: TelegramReply | None = None) -> TelegramReply:
+        return TelegramReply(
+            self.ctx,
+            chat_id=int(incoming.chat_id),
+            reply_to=int(incoming.message_id) if incoming.message_id else None,
+            private=incoming.is_private,
+            thread_id=incoming.route.get("thread_id"),
+            takeover=takeover,
+        )
+
+    async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.message
+        if message is None or message.from_user is None or message.from_user.is_bot:
+            return
+        for_us, mention, text = self._for_us(message)
+        if not for_us:
+            return
+        self.ctx.blocked.discard(message.chat.id)  # they write to us, so they unblocked us
+        if text is None:
+            if message.effective_attachment is not None:
+                await self._stream(self._incoming(message, "", mention)).send(NON_TEXT_NOTE)
+            return  # service messages (members joining, pins...) are not for Yanray
+        incoming = self._incoming(message, text, mention)
+        await self.dispatcher.handle(incoming, self._stream(incoming))
+
+    async def _on_edit(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.edited_message
+        if message is None or message.from_user is None or message.from_user.is_bot:
+            return
+        for_us, mention, text = self._for_us(message)
+        if not for_us or text is None:
+            return
+        incoming = self._incoming(message, text, mention)
+        old = self.ctx.replies.get((message.chat.id, message.message_id))
+        if not await self.dispatcher.handle_edit(incoming, self._stream(incoming, takeover=old)):
+            logger.debug("edit of message %s in chat %s ignored", message.message_id, message.chat.id)
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """PTB's central error handler: one log with the traceback, one line to the user."""
+        logger.error("error while handling a Telegram update", exc_info=context.error)
+        chat = update.effective_chat if isinstance(update, Update) else None
+        if chat is None or chat.id in self.ctx.blocked:
+            return
+        try:
+            await context.bot.send_message(chat.id, APOLOGY)
+        except TelegramError as exc:
+            logger.warning("chat %s: the apology could not be sent: %s", chat.id, exc)
