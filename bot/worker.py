@@ -36,7 +36,12 @@ from yanray.storage import Database, Message, crud
 
 logger = logging.getLogger(__name__)
 
-PROMPT_ROLE: dict[str, Role] = {"user": "user", "assistant": "assistant", "tool": "observation", "system": "system"}
+PROMPT_ROLE: dict[str, Role] = {
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "observation",
+    "system": "system",
+}
 APOLOGY = "Sorry, something went wrong while answering. Please try again."
 
 

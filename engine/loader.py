@@ -172,9 +172,10 @@ def load_parts(
         else:
             from transformers import AutoModelForCausalLM
 
-            loaded = AutoModelForCausalLM.from_pretrained(
+            generic = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=compute, local_files_only=True, trust_remote_code=False
-            ).to(target)
+            )
+            loaded = generic.to(target)  # type: ignore[arg-type]  # transformers' stub misses device
         loaded.eval()
         fmt: ChatFormat
         if chatglm:
