@@ -121,24 +121,10 @@ class Dispatcher:
             if message is None or latest is None or message.id != latest.id:
                 return False
             old = await crud.latest_request(session=session, conversation_id=conversation.id)
-        if old is not None and old.user_message_id == message.id:
-            await self._cancel(conversation.id, reason="edited")
-        try:
-            self.queue.reserve(conversation.id)
-        except QueueFull as exc:
-            await out.send(str(exc))
-            return True
-        async with self.db.transaction() as session:
-            if old is not None and old.user_message_id == message.id:
-                await crud.supersede_answer(session=session, request_id=old.id)
-            await crud.restore_message(session=session, message_id=message.id, text=text)
-            request = await crud.create_request(
-                session=session,
-                conversation_id=conversation.id,
-                user_message_id=message.id,
-                route=self._route(incoming),
-            )
-        await self._enqueue(Job(request.id, conversation.id, out))
+        previous = old.id if old is not None and old.user_message_id == message.id else None
+        if previous is not None:
+            await self._cancel_request(previous, "Replaced by your edited message.")
+        await self._ask_again(conversation.id, message.id, previous, incoming, out, text=text)
         return True
 
     def is_pending(self, out: ReplyStream) -> bool:
@@ -151,16 +137,16 @@ class Dispatcher:
     # -- questions ---------------------------------------------------------------------
 
     async def _accept(self, incoming: Incoming, text: str, out: ReplyStream) -> None:
-        async with self.db.transaction() as session:
-            conversation, user = await self._get_conversation(session, incoming)
-        try:
-            self.queue.reserve(conversation.id)
-        except QueueFull as exc:
-            logger.info("queue full for conversation %d", conversation.id)
-            await out.send(str(exc))
-            return
+        """Store the question and its request in one transaction, then queue it.
+
+        The queue place is reserved inside the transaction, once the conversation is known,
+        and given back if the transaction does not commit."""
+        reserved: int | None = None
         try:
             async with self.db.transaction() as session:
+                conversation, user = await self._get_conversation(session, incoming)
+                self.queue.reserve(conversation.id)
+                reserved = conversation.id
                 message = await crud.add_message(
                     session=session,
                     conversation_id=conversation.id,
@@ -175,8 +161,13 @@ class Dispatcher:
                     user_message_id=message.id,
                     route=self._route(incoming),
                 )
+        except QueueFull as exc:
+            logger.info("queue full for %s:%s", incoming.platform, incoming.chat_id)
+            await out.send(str(exc))
+            return
         except BaseException:
-            self.queue.release(conversation.id)
+            if reserved is not None:
+                self.queue.release(reserved)
             raise
         await self._enqueue(Job(request.id, conversation.id, out), reserved=True)
 
@@ -184,6 +175,38 @@ class Dispatcher:
         position = self.queue.put(job, reserved=reserved)
         if position > 0:
             await job.out.queued(position)
+
+    async def _ask_again(
+        self,
+        conversation_id: int,
+        message_id: int,
+        previous: int | None,
+        incoming: Incoming,
+        out: ReplyStream,
+        *,
+        text: str | None = None,
+    ) -> None:
+        """Queue a stored question again (/retry, an edit), its previous answer set aside."""
+        try:
+            self.queue.reserve(conversation_id)
+        except QueueFull as exc:
+            await out.send(str(exc))
+            return
+        try:
+            async with self.db.transaction() as session:
+                if previous is not None:
+                    await crud.supersede_answer(session=session, request_id=previous)
+                await crud.restore_message(session=session, message_id=message_id, text=text)
+                request = await crud.create_request(
+                    session=session,
+                    conversation_id=conversation_id,
+                    user_message_id=message_id,
+                    route=self._route(incoming),
+                )
+        except BaseException:
+            self.queue.release(conversation_id)
+            raise
+        await self._enqueue(Job(request.id, conversation_id, out))
 
     def _route(self, incoming: Incoming) -> dict[str, object]:
         return {**incoming.route, "platform": incoming.platform}
@@ -198,7 +221,7 @@ class Dispatcher:
         await out.send("Fresh start: I've set our earlier messages aside (they stay stored).")
 
     async def _cmd_stop(self, conversation: Conversation, _arg: str, _in: Incoming, out: ReplyStream) -> None:
-        stopped = await self._cancel(conversation.id, reason="stopped")
+        stopped = await self._cancel(conversation.id, reason="Stopped.")
         await out.send("Stopped." if stopped else "There is nothing to stop.")
 
     async def _cmd_retry(
@@ -212,21 +235,7 @@ class Dispatcher:
         if last is None or last.user_message_id <= conversation.context_start:
             await out.send("There is no answer to retry yet.")
             return
-        try:
-            self.queue.reserve(conversation.id)
-        except QueueFull as exc:
-            await out.send(str(exc))
-            return
-        async with self.db.transaction() as session:
-            await crud.supersede_answer(session=session, request_id=last.id)
-            await crud.restore_message(session=session, message_id=last.user_message_id)
-            request = await crud.create_request(
-                session=session,
-                conversation_id=conversation.id,
-                user_message_id=last.user_message_id,
-                route=self._route(incoming),
-            )
-        await self._enqueue(Job(request.id, conversation.id, out))
+        await self._ask_again(conversation.id, last.user_message_id, last.id, incoming, out)
 
     async def _cmd_history(
         self, conversation: Conversation, arg: str, _in: Incoming, out: ReplyStream
@@ -268,17 +277,31 @@ class Dispatcher:
     async def _cancel(self, conversation_id: int, *, reason: str) -> bool:
         """Cancel this conversation's waiting and running requests."""
         waiting = self.queue.cancel_conversation(conversation_id)
+        await self._close_cancelled(waiting, reason)
+        running = self.worker.cancel_running(conversation_id, reason=reason)
+        return bool(waiting) or running is not None
+
+    async def _cancel_request(self, request_id: int, reason: str) -> None:
+        """Cancel one request, waiting or running."""
+        job = self.queue.find(request_id)
+        if job is not None and self.queue.remove(job):
+            await self._close_cancelled([job], reason)
+            return
+        running = self.queue.running
+        if running is not None and running.request_id == request_id:
+            self.worker.cancel_running(running.conversation_id, reason=reason)
+
+    async def _close_cancelled(self, jobs: list[Job], reason: str) -> None:
+        if not jobs:
+            return
         async with self.db.transaction() as session:
-            for job in waiting:
+            for job in jobs:
                 await crud.finish_request(
                     session=session, request_id=job.request_id, status="cancelled", error=reason
                 )
                 await crud.mark_delivered(session=session, request_id=job.request_id)
-        message = "Stopped." if reason == "stopped" else "Replaced by your edited message."
-        for job in waiting:
-            await job.out.fail(message)
-        running = self.worker.cancel_running(conversation_id, reason=message)
-        return bool(waiting) or running is not None
+        for job in jobs:
+            await job.out.fail(reason)
 
     async def _conversation(self, incoming: Incoming) -> Conversation:
         async with self.db.transaction() as session:

@@ -66,13 +66,46 @@ def _strip_calls(text: str, pattern: re.Pattern[str] | None) -> str:
     return pattern.sub("", text) if pattern is not None else text
 
 
-def _partial_visible(text: str, pattern: re.Pattern[str] | None) -> str:
-    """Visible text while streaming: complete calls removed, a maybe-call last line held back."""
-    text = _strip_calls(text, pattern)
-    head, newline, last = text.rpartition("\n")
-    if last.lstrip().startswith("/"):
-        text = head + newline
-    return text
+class _StreamedRound:
+    """One round's text as it streams, each line looked at once: the visible part grows
+    by whole lines (tool calls left out), and a last line that may become a call is held back."""
+
+    def __init__(self, pattern: re.Pattern[str] | None) -> None:
+        self.pattern = pattern
+        self.done = ""  # visible complete lines
+        self.partial = ""
+
+    def add(self, piece: str) -> None:
+        self.partial += piece
+        if "\n" not in piece:
+            return
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            if self.pattern is None or not self.pattern.match(line + "\n"):
+                self.done += line + "\n"
+
+    def visible(self) -> str:
+        return self.done if self.partial.lstrip().startswith("/") else self.done + self.partial
+
+
+def _stop_at_calls(pattern: re.Pattern[str]) -> Callable[[str], int | None]:
+    """A `stop_at` that finds the end of the first complete call line, scanning each line once.
+
+    The engine calls it with the round's text so far, growing, from one thread."""
+    scanned = 0
+
+    def stop_at(text: str) -> int | None:
+        nonlocal scanned
+        end = text.rfind("\n") + 1
+        if end <= scanned:
+            return None
+        for match in pattern.finditer(text, scanned, end):
+            if match.group(0).endswith("\n"):
+                return match.end()
+        scanned = end
+        return None
+
+    return stop_at
 
 
 class ToolLoop:
@@ -82,13 +115,6 @@ class ToolLoop:
         self.tools = tools
         self.max_rounds = max_rounds
         self._pattern = slash_pattern(list(tools))
-
-    def _stop_at(self, text: str) -> int | None:
-        assert self._pattern is not None
-        for match in self._pattern.finditer(text):
-            if match.group(0).endswith("\n"):
-                return match.end()
-        return None
 
     async def run(
         self,
@@ -105,14 +131,14 @@ class ToolLoop:
             allow_tools = round_index < self.max_rounds and bool(self.tools)
             opts = options()
             if allow_tools and self._pattern is not None:
-                opts.stop_at = self._stop_at
-            so_far: list[str] = []
+                opts.stop_at = _stop_at_calls(self._pattern)
+            streamed = _StreamedRound(self._pattern)
+            before = "".join(shown)
 
-            def on_text(piece: str, so_far: list[str] = so_far) -> None:
-                so_far.append(piece)
+            def on_text(piece: str, streamed: _StreamedRound = streamed, before: str = before) -> None:
+                streamed.add(piece)
                 if on_visible is not None:
-                    current = _partial_visible("".join(so_far), self._pattern)
-                    on_visible("".join(shown) + current)
+                    on_visible(before + streamed.visible())
 
             generation = await session.generate(opts, on_text)
             result.finish = generation.finish

@@ -50,6 +50,34 @@ def to_chat(message: Message) -> ChatMessage:
     return ChatMessage(role, message.text, message.tool_name)
 
 
+class _Progress:
+    """Passes the growing reply to the adapter: one call in flight, always the newest text."""
+
+    def __init__(self, out: ReplyStream) -> None:
+        self.out = out
+        self.latest = ""
+        self._task: asyncio.Task[None] | None = None
+
+    def update(self, text: str) -> None:
+        self.latest = text
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        sent = None
+        while sent is not self.latest:
+            sent = self.latest
+            await self.out.progress(sent)
+
+    async def drain(self) -> None:
+        if self._task is None:
+            return
+        (outcome,) = await asyncio.gather(self._task, return_exceptions=True)
+        if isinstance(outcome, Exception):
+            # the final answer still goes out through finish(); a lost progress update is cosmetic
+            logger.warning("showing the reply so far failed: %r", outcome)
+
+
 class EngineWorker:
     def __init__(
         self,
@@ -183,20 +211,13 @@ class EngineWorker:
                 cancel=job.cancel,
             )
 
-        pending: set[asyncio.Task[None]] = set()
-
-        def on_visible(text: str) -> None:
-            task = asyncio.ensure_future(job.out.progress(text))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-
+        progress = _Progress(job.out)
         session = await self.engine.start(messages, specs)
         try:
-            return await self.loop.run(session, options=options, on_visible=on_visible)
+            return await self.loop.run(session, options=options, on_visible=progress.update)
         finally:
             await session.close()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+            await progress.drain()
 
     async def _close(
         self,

@@ -9,7 +9,8 @@ its KV cache across rounds, so only the appended tokens are prefilled.
 Stops: a round ends at the model's own end of turn, at `max_new_tokens`, when the cancel
 flag is set, when one of the literal `stop` strings appears, or when `stop_at(text)`
 returns a cut position (the tool loop uses this to stop at the end of a `/calculate`
-line). `stop_at` is called from the engine's thread, so it must be a pure function.
+line). `stop_at` is called from the engine's thread with the round's text so far, growing,
+after each piece; it touches nothing but its own state.
 
 Message roles follow ChatGLM3: system, user, assistant, observation. `name` is the
 metadata line: the tool name of an assistant's native tool call, or of an observation.

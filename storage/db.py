@@ -12,6 +12,7 @@ and refuses a database whose revision this Yanray does not know (written by a ne
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -80,6 +81,9 @@ class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # SQLite has one writer at a time. Queueing writers here, in the event loop, is
+        # cheaper and fairer than SQLite's busy handler, which sleeps and retries.
+        self._writer = asyncio.Lock() if engine.dialect.name == "sqlite" else None
 
     @classmethod
     async def open(cls, url: str) -> Database:
@@ -88,7 +92,9 @@ class Database:
         is_sqlite = parsed.get_backend_name() == "sqlite"
         if is_sqlite and parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url)
+        # Every transaction ends in an explicit commit or rollback, so the pool's extra
+        # rollback when a connection is returned is a wasted round trip.
+        engine = create_async_engine(url, pool_reset_on_return=None)
         if is_sqlite:
             _sqlite_pragmas(engine)
         shown = parsed.render_as_string(hide_password=True)
@@ -107,7 +113,11 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A session in one transaction: committed on success, rolled back on error."""
-        async with self._sessions() as session, session.begin():
+        if self._writer is None:
+            async with self._sessions() as session, session.begin():
+                yield session
+            return
+        async with self._writer, self._sessions() as session, session.begin():
             yield session
 
     async def close(self) -> None:
