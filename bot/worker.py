@@ -32,7 +32,7 @@ from yanray.bot.toolloop import LoopResult, ToolLoop
 from yanray.bot.tools import Tool
 from yanray.bot.types import Adapter, ReplyStream
 from yanray.engine.base import ChatMessage, Engine, GenerateOptions, Role
-from yanray.storage import Database, Message, crud
+from yanray.storage import Conversation, Database, Message, crud
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ PROMPT_ROLE: dict[str, Role] = {
     "tool": "observation",
     "system": "system",
 }
+HISTORY_PAGE = 64  # messages read back at first; more only while they all fit the budget
 APOLOGY = "Sorry, something went wrong while answering. Please try again."
 
 
@@ -164,9 +165,7 @@ class EngineWorker:
                 return  # cancelled while it waited
             conversation = await crud.get_conversation(session=session, conversation_id=job.conversation_id)
             assert conversation is not None
-            history = await crud.context_messages(
-                session=session, conversation=conversation, up_to_turn=request.user_message_id
-            )
+            history = await self._load_history(session, conversation, request.user_message_id)
             turn = request.user_message_id
             base_prompt = conversation.system_prompt or self.settings.system_prompt
         await job.out.started()
@@ -194,6 +193,19 @@ class EngineWorker:
             else:
                 await self._close(job, "done", rounds=result, turn=turn)
         self.timings.append((engine_time, time.perf_counter() - started))
+
+    async def _load_history(self, session: Any, conversation: Conversation, turn: int) -> list[Message]:
+        """The newest messages of the context, enough to fill the token budget (or all of them):
+        a long conversation is not read back whole for every question."""
+        budget = self.engine.max_context - self.settings.max_new_tokens
+        limit = HISTORY_PAGE
+        while True:
+            history = await crud.context_messages(
+                session=session, conversation=conversation, up_to_turn=turn, newest=limit
+            )
+            if len(history) < limit or sum(self.counter.message(to_chat(m)) for m in history) > budget:
+                return history
+            limit *= 4
 
     async def _generate(self, job: Job, base_prompt: str, history: list[ChatMessage]) -> LoopResult:
         tools = list(self.tools.values())

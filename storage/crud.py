@@ -194,9 +194,10 @@ async def latest_request(
 
 
 async def context_messages(
-    *, session: AsyncSession, conversation: Conversation, up_to_turn: int
+    *, session: AsyncSession, conversation: Conversation, up_to_turn: int, newest: int | None = None
 ) -> list[Message]:
-    """The conversation's messages in context, turn by turn, up to and including `up_to_turn`."""
+    """The conversation's messages in context, turn by turn, up to and including `up_to_turn`;
+    with `newest`, only that many of the latest ones."""
     result = await session.scalars(
         select(Message)
         .where(
@@ -205,9 +206,10 @@ async def context_messages(
             Message.turn <= up_to_turn,
             Message.superseded.is_(False),
         )
-        .order_by(Message.turn, Message.id)
+        .order_by(Message.turn.desc(), Message.id.desc())
+        .limit(newest)
     )
-    return list(result.all())
+    return list(reversed(result.all()))
 
 
 async def supersede_answer(*, session: AsyncSession, request_id: int) -> None:

@@ -281,3 +281,16 @@ async def test_edited_latest_question_is_answered_again(make_settings, core_fact
     await (await ask(core, "and?", mid="8")).wait()
     assert [m.content for m in engine.prompts[-1][1:]] == ["dogs", "about dogs", "and?"]
     assert not await core.dispatcher.handle_edit(msg("birds", mid="7"), RecordingStream())
+
+
+async def test_a_long_conversation_is_read_back_whole_when_it_fits(make_settings, core_factory) -> None:
+    from yanray.bot.worker import HISTORY_PAGE
+
+    engine = ScriptedEngine(["ok"], max_context=100_000)
+    core = await core_factory(make_settings(tools=[]), engine)
+    turns = HISTORY_PAGE // 2 + 8  # more messages than one page
+    for i in range(turns):
+        await (await ask(core, f"question {i}")).wait()
+    prompt = engine.prompts[-1]
+    assert len(prompt) == 1 + 2 * turns - 1
+    assert prompt[1] == ChatMessage("user", "question 0")
