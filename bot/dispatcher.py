@@ -55,7 +55,11 @@ I remember our conversation and can use a calculator while answering.
 
 
 def position_text(position: int) -> str:
-    return "You're next." if position == 1 else f"{position - 1} requests are ahead of yours."
+    """A queue notice for place `position` in line (1: next, once the answer being written is done)."""
+    if position <= 1:
+        return "You're next."
+    ahead = position - 1
+    return f"{ahead} request{'s are' if ahead > 1 else ' is'} ahead of yours."
 
 
 class Dispatcher:
