@@ -49,8 +49,9 @@ class ConsoleStream:
             self._printed = text
 
     async def finish(self, text: str) -> None:
-        if self._printed and text.startswith(self._printed):
-            self._write(text[len(self._printed) :] + "\n\n")
+        shown = self._printed.strip()  # the final text is stripped; what streamed may not be
+        if shown and text.startswith(shown):
+            self._write(text[len(shown) :] + "\n\n")
         else:
             self._write(("\n" if self._printed else "") + text + "\n\n")
         self.done.set()

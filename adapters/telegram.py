@@ -43,6 +43,9 @@ from yanray.bot.errors import ConfigError
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming, Route
 
+#: the command words the dispatcher answers (start is Telegram's first-contact command)
+YANRAY_COMMANDS = frozenset({"start", *(name for name, _ in COMMANDS)})
+
 logger = logging.getLogger(__name__)
 
 NON_TEXT_NOTE = (
@@ -224,7 +227,9 @@ class TelegramAdapter:
             ):
                 spans.append((entity.offset, entity.length))
             elif entity.type == MessageEntity.BOT_COMMAND and entity.offset == 0:
-                command = "@" not in value or value.lower().endswith(name)
+                # "/reset" or "/reset@this_bot"; another bot's "/weather" is not for Yanray
+                word, _, target = value.lower().partition("@")
+                command = word[1:] in YANRAY_COMMANDS and (not target or f"@{target}" == name)
         replied = message.reply_to_message
         to_bot = replied is not None and replied.from_user is not None and replied.from_user.id == bot.id
         if not spans and not to_bot and not command:

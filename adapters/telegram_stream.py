@@ -346,6 +346,13 @@ class TelegramReply:
             del self.messages[len(parts) :], self._shown[len(parts) :]
         except ChatBlocked:
             self._blocked()
+        except (BadRequest, RetryAfter) as exc:
+            await self._apologise(exc)  # Telegram refuses this text for good: say so once
+        except NetworkError:
+            # Telegram unreachable after every retry: the worker leaves the stored answer
+            # undelivered, and the next start sends it
+            logger.warning("chat %s: Telegram unreachable; the answer waits for the next start", self.chat_id)
+            raise
         except TelegramError as exc:
             await self._apologise(exc)
         finally:

@@ -85,6 +85,11 @@ def fit_history(
     fixed = counter.prompt([system], tools)
     costs = [sum(counter.message(m) for m in turn) for turn in turns]
     newest = costs[-1] if costs else 0
+    if fixed >= budget:
+        raise ContextTooLong(
+            f"My instructions for this conversation take about {fixed} tokens, more than the "
+            f"{budget} I can read; shorten them with /system, or /system default."
+        )
     if fixed + newest > budget:
         raise ContextTooLong(
             f"Your message is too long for me: about {newest} tokens, and at most "

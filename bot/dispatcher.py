@@ -41,6 +41,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("system", "Show or set this conversation's instructions: /system [text|default]"),
 ]
 MAX_MESSAGE_CHARS = 100_000
+MAX_SYSTEM_CHARS = 4_000
 HISTORY_DEFAULT, HISTORY_MAX, HISTORY_CLIP = 10, 50, 300
 _COMMAND = re.compile(r"^/([A-Za-z_]+)(?:@\w+)?(?:\s+(.*))?$", re.DOTALL)
 
@@ -124,6 +125,8 @@ class Dispatcher:
             latest = await crud.latest_user_message(session=session, conversation_id=conversation.id)
             if message is None or latest is None or message.id != latest.id:
                 return False
+            if message.turn <= conversation.context_start:
+                return False  # asked before a /reset: that conversation is closed
             old = await crud.latest_request(session=session, conversation_id=conversation.id)
         previous = old.id if old is not None and old.user_message_id == message.id else None
         if previous is not None:
@@ -232,10 +235,11 @@ class Dispatcher:
         self, conversation: Conversation, _arg: str, incoming: Incoming, out: ReplyStream
     ) -> None:
         async with self.db.transaction() as session:
-            if await crud.active_requests(session=session, conversation_id=conversation.id):
-                await out.send("I'm still answering; wait for it (or /stop it) before /retry.")
-                return
+            busy = bool(await crud.active_requests(session=session, conversation_id=conversation.id))
             last = await crud.latest_request(session=session, conversation_id=conversation.id)
+        if busy:
+            await out.send("I'm still answering; wait for it (or /stop it) before /retry.")
+            return
         if last is None or last.user_message_id <= conversation.context_start:
             await out.send("There is no answer to retry yet.")
             return
@@ -268,6 +272,11 @@ class Dispatcher:
             current = conversation.system_prompt or self.settings.system_prompt
             origin = "this conversation's" if conversation.system_prompt else "the default"
             await out.send(f"My instructions ({origin}):\n{current}")
+            return
+        if len(arg) > MAX_SYSTEM_CHARS:
+            await out.send(
+                f"Those instructions are too long ({len(arg)} characters; at most {MAX_SYSTEM_CHARS})."
+            )
             return
         new = None if arg.lower() == "default" else arg
         async with self.db.transaction() as session:

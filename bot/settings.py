@@ -22,7 +22,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -150,6 +150,16 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown tool {unknown[0]!r}; known: {', '.join(sorted(TOOL_NAMES))}")
         return value
 
+    @model_validator(mode="after")
+    def _webhook_needs_a_secret(self) -> Settings:
+        # without the secret anyone who reaches the webhook could post forged updates
+        if self.telegram_webhook_url and self.telegram_webhook_secret is None:
+            raise ValueError(
+                "YANRAY_TELEGRAM_WEBHOOK_URL needs YANRAY_TELEGRAM_WEBHOOK_SECRET (a random string, "
+                "e.g. from `openssl rand -hex 32`), so forged updates are refused"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -192,7 +202,9 @@ def _check_toml(path: Path) -> None:
 
 
 def _describe(error: Mapping[str, Any], toml: Path | None, environ: Mapping[str, str]) -> str:
-    field = str(error["loc"][0]) if error["loc"] else "settings"
+    if not error["loc"]:  # a rule across settings: its message names them
+        return str(error["msg"]).removeprefix("Value error, ")
+    field = str(error["loc"][0])
     env = ENV_PREFIX + field.upper()
     where = env if env in environ or toml is None else f"{env} (or {field} in {toml})"
     value = error.get("input")

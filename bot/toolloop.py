@@ -10,8 +10,9 @@ Two dialects are recognised, only ever in the model's own output:
   function-call block).
 
 The observation is appended to the same engine session, so a local engine only prefills
-the new tokens. At most `max_rounds` tools run per answer; after that the model is told
-to answer without tools, and further calls are left as text. An identical repeated call
+the new tokens. At most `max_rounds` tool calls run per answer; a call past that is
+answered with an observation telling the model to answer without tools, and the model
+gets one more round to do so (a call in that round is not run, and not shown). An identical repeated call
 (same tool, same arguments) is answered from the first result without running again.
 
 What the user sees is the model's text with the tool-call lines taken out; every round
@@ -127,10 +128,11 @@ class ToolLoop:
         result = LoopResult()
         cache: dict[tuple[str, str], str] = {}
         shown: list[str] = []  # visible text of finished rounds
-        for round_index in range(self.max_rounds + 1):
-            allow_tools = round_index < self.max_rounds and bool(self.tools)
+        calls = 0
+        told = False  # the model was told that no more tools run
+        while True:
             opts = options()
-            if allow_tools and self._pattern is not None:
+            if not told and self._pattern is not None:
                 opts.stop_at = _stop_at_calls(self._pattern)
             streamed = _StreamedRound(self._pattern)
             before = "".join(shown)
@@ -142,24 +144,24 @@ class ToolLoop:
 
             generation = await session.generate(opts, on_text)
             result.finish = generation.finish
-            call = self._find_call(generation) if allow_tools else None
-            if call is None and generation.tool_call is not None:
-                # a native call past the limit: the model is told to answer without tools
-                extra = generation.tool_call
-                self._record(result, shown, generation, extra.name, extra.arguments, NO_MORE_TOOLS, True)
-                await session.append(ChatMessage("observation", NO_MORE_TOOLS, extra.name))
-                continue
+            call = None if told else self._find_call(generation)
             if call is None:
+                # the answer; a native call after the model was told is left out of sight
                 result.rounds.append(Round(text=generation.text))
                 shown.append(_strip_calls(generation.text, self._pattern))
                 break
             name, arguments, native = call
-            key = (name, json.dumps(arguments, sort_keys=True, default=str))
-            if key in cache:
-                observation = cache[key]
-                logger.info("tool %s repeated with the same arguments; reusing the first result", name)
+            if calls >= self.max_rounds:
+                # past the limit: the model is told once, then answers without tools
+                observation, told = NO_MORE_TOOLS, True
             else:
-                observation = cache[key] = await self._run_tool(name, arguments)
+                key = (name, json.dumps(arguments, sort_keys=True, default=str))
+                if key in cache:
+                    observation = cache[key]
+                    logger.info("tool %s repeated with the same arguments; reusing the first result", name)
+                else:
+                    observation = cache[key] = await self._run_tool(name, arguments)
+                calls += 1
             self._record(result, shown, generation, name, arguments, observation, native)
             await session.append(ChatMessage("observation", observation, name))
             if generation.finish == "cancelled":

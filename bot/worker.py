@@ -143,6 +143,11 @@ class EngineWorker:
                     "request %d waits for the %s adapter, which is not running", request.id, platform
                 )
                 continue
+            running = self.queue.running
+            if self.queue.find(request.id) is not None or (
+                running is not None and running.request_id == request.id
+            ):
+                continue  # accepted by this run while the adapters were starting
             out = adapter.reopen(request.route)
             if request.status in ("done", "failed"):
                 await self._deliver(
@@ -168,7 +173,10 @@ class EngineWorker:
             history = await self._load_history(session, conversation, request.user_message_id)
             turn = request.user_message_id
             base_prompt = conversation.system_prompt or self.settings.system_prompt
-        await job.out.started()
+        try:
+            await job.out.started()
+        except Exception:  # showing "typing" is cosmetic; the answer still goes out
+            logger.exception("request %d: the platform refused the typing notice", job.request_id)
         engine_time = 0.0
         try:
             async with asyncio.timeout(self.settings.request_timeout):
@@ -188,7 +196,9 @@ class EngineWorker:
             logger.exception("request %d failed unexpectedly", job.request_id)
             await self._close(job, "failed", error=APOLOGY)
         else:
-            if result.finish == "cancelled":
+            # cancelled while the answer was being stored counts too: a /stop, or an edit whose
+            # new request has already set this answer aside
+            if result.finish == "cancelled" or job.cancel.is_set():
                 await self._close(job, "cancelled", error=job.cancel_reason, rounds=result, turn=turn)
             else:
                 await self._close(job, "done", rounds=result, turn=turn)
@@ -208,7 +218,7 @@ class EngineWorker:
             limit *= 4
 
     async def _generate(self, job: Job, base_prompt: str, history: list[ChatMessage]) -> LoopResult:
-        tools = list(self.tools.values())
+        tools = list(self.tools.values()) if self.settings.tool_rounds > 0 else []
         specs = [t.spec for t in tools] if self.engine.native_tools else []
         system = ChatMessage("system", system_prompt(base_prompt, tools, native=self.engine.native_tools))
         budget = self.engine.max_context - self.settings.max_new_tokens

@@ -282,19 +282,16 @@ class OpenAIEngine:
         )
         logger.warning("Model server %s answered %s: %s", self.display_url, resp.status, raw[:1000])
         if resp.status in (401, 403):
-            return EngineError(self._line(f"refused the API key ({shown}). Check YANRAY_OPENAI_API_KEY"))
+            logger.error("check YANRAY_OPENAI_API_KEY: the model server refused it")
+            return EngineError(self._line(f"refused Yanray's API key ({shown}); the owner should check it"))
         if resp.status == 404:
-            return EngineError(
-                self._line(
-                    f"does not know this model or path ({shown}). "
-                    "Check YANRAY_OPENAI_MODEL and YANRAY_OPENAI_BASE_URL"
-                )
-            )
+            logger.error("check YANRAY_OPENAI_MODEL and YANRAY_OPENAI_BASE_URL: the server answered 404")
+            return EngineError(self._line(f"does not know the configured model ({shown})"))
         if resp.status == 429:
-            return EngineError(self._line(f"is busy ({shown}). Try again in a moment"))
+            return EngineError(self._line(f"is busy ({shown}); try again in a moment"))
         if resp.status < 500:
             return EngineError(self._line(f"rejected the request ({shown})"))
-        return EngineError(self._line(f"failed ({shown}). Try again later"))
+        return EngineError(self._line(f"failed ({shown}); try again later"))
 
     def _scrub(self, text: str) -> str:
         """Servers sometimes echo the key they refused; it must not reach a user or a log."""
@@ -303,15 +300,19 @@ class OpenAIEngine:
         return text
 
     def _line(self, what: str) -> str:
-        return " ".join(f"The model server at {self.display_url} {what}.".split())
+        """One line for the user: what went wrong, without the server's address (it goes to the log),
+        since answers can land in public chats."""
+        return " ".join(f"The model server {what}.".split())
 
     def _fail(self, what: str, exc: BaseException) -> EngineError:
         logger.warning("Model server %s %s: %s", self.display_url, what, self._scrub(repr(exc)))
         return EngineError(self._line(what))
 
     def _unreachable(self, reason: str, exc: BaseException) -> EngineUnavailable:
-        logger.warning("Model server %s cannot be reached: %r", self.display_url, exc)
-        return EngineUnavailable(self._line(f"cannot be reached ({reason}). Check YANRAY_OPENAI_BASE_URL"))
+        logger.warning(
+            "Model server %s cannot be reached (check YANRAY_OPENAI_BASE_URL): %r", self.display_url, exc
+        )
+        return EngineUnavailable(self._line(f"cannot be reached ({reason}); try again later"))
 
 
 class OpenAISession:

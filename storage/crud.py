@@ -202,7 +202,8 @@ async def context_messages(
         select(Message)
         .where(
             Message.conversation_id == conversation.id,
-            Message.turn > conversation.context_start,
+            # a question asked before a /reset that is answered after it keeps its own turn
+            (Message.turn > conversation.context_start) | (Message.turn == up_to_turn),
             Message.turn <= up_to_turn,
             Message.superseded.is_(False),
         )
@@ -281,19 +282,6 @@ async def latest_user_message(*, session: AsyncSession, conversation_id: int) ->
         .order_by(Message.id.desc())
         .limit(1)
     )
-
-
-async def set_user_blocked(*, session: AsyncSession, platform: str, external_id: str, blocked: bool) -> None:
-    await session.execute(
-        update(User).where(User.platform == platform, User.external_id == external_id).values(blocked=blocked)
-    )
-
-
-async def is_user_blocked(*, session: AsyncSession, platform: str, external_id: str) -> bool:
-    blocked = await session.scalar(
-        select(User.blocked).where(User.platform == platform, User.external_id == external_id)
-    )
-    return bool(blocked)
 
 
 async def request_counts(*, session: AsyncSession) -> dict[str, int]:

@@ -99,6 +99,31 @@ def test_toml_file_and_environment(monkeypatch, tmp_path) -> None:
     assert load_settings().allowed_users == ["telegram:1", "discord:2"]
 
 
+def test_a_webhook_without_a_secret_is_refused(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("YANRAY_TELEGRAM_WEBHOOK_URL", "https://bot.example.com/hook")
+    with pytest.raises(ConfigError, match="needs YANRAY_TELEGRAM_WEBHOOK_SECRET"):
+        load_settings()
+    monkeypatch.setenv("YANRAY_TELEGRAM_WEBHOOK_SECRET", "s3cret")
+    assert load_settings().telegram_webhook_url == "https://bot.example.com/hook"
+
+
+def test_the_migration_creates_exactly_the_models_schema() -> None:
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from yanray.storage.db import _alembic_config
+    from yanray.storage.models import Base
+
+    with create_engine("sqlite://").begin() as connection:
+        config = _alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+
+
 def test_secrets_are_refused_in_the_toml_file(tmp_path) -> None:
     config = tmp_path / "yanray.toml"
     config.write_text('telegram_token = "123:abc"\n')

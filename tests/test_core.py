@@ -294,3 +294,63 @@ async def test_a_long_conversation_is_read_back_whole_when_it_fits(make_settings
     prompt = engine.prompts[-1]
     assert len(prompt) == 1 + 2 * turns - 1
     assert prompt[1] == ChatMessage("user", "question 0")
+
+
+async def test_reset_while_a_question_waits_keeps_that_question(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(responder=lambda m: f"about {m[-1].content}", delay=0.02)
+    core = await core_factory(make_settings(tools=[]), engine)
+    first = await ask(core, "old topic")
+    second = await ask(core, "new topic")
+    await ask(core, "/reset")
+    assert await second.wait() == "about new topic"
+    assert await first.wait() == "about old topic"
+    assert [m.content for m in engine.prompts[-1][1:]] == ["new topic"]
+
+
+async def test_an_edit_while_the_answer_is_being_stored_sets_that_answer_aside(
+    make_settings, core_factory
+) -> None:
+    engine = ScriptedEngine(responder=lambda m: f"about {m[-1].content}", piece=100)
+    core = await core_factory(make_settings(tools=[]), engine)
+    release = asyncio.Event()
+
+    class Slow(RecordingStream):
+        async def progress(self, text: str) -> None:
+            await super().progress(text)
+            await release.wait()  # generation is over; the worker waits to store the answer
+
+    first = Slow()
+    await core.dispatcher.handle(msg("cats", mid="1"), first)
+    while not first.of("progress"):
+        await asyncio.sleep(0.01)
+    edited = RecordingStream()
+    assert await core.dispatcher.handle_edit(msg("dogs", mid="1"), edited)
+    release.set()
+    assert await edited.wait() == "about dogs"
+    assert "Replaced by your edited message." in (await first.wait() or "")
+    await (await ask(core, "and then?")).wait()
+    assert [m.content for m in engine.prompts[-1][1:]] == ["dogs", "about dogs", "and then?"]
+
+
+async def test_a_message_accepted_before_start_is_answered_once(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["hello"])
+    adapter = RecordingAdapter("test")
+    core = await core_factory(make_settings(tools=[]), engine, start=False, adapters=(adapter,))
+    out = await ask(core, "early bird")  # an adapter took it while the core was starting
+    await core.start()
+    assert await out.wait() == "hello"
+    await core.wait_idle()
+    assert adapter.reopened == [] and len(engine.prompts) == 1
+
+
+async def test_console_streaming_prints_each_answer_once() -> None:
+    import io
+
+    from yanray.adapters.console import ConsoleStream
+
+    output = io.StringIO()
+    stream = ConsoleStream(output, streaming=True)
+    await stream.progress("\nThe answer")
+    await stream.progress("\nThe answer is 4.\n")
+    await stream.finish("The answer is 4.")
+    assert output.getvalue().count("The answer is 4.") == 1

@@ -66,6 +66,8 @@ async def test_group_answers_mentions_and_replies_and_ignores_chatter(
     engine = ScriptedEngine(responder=lambda m: f"You said: {last_user(m)}")
     async with running_bot(fake, telegram_settings(fake, make_settings()), engine) as bot:
         fake.group_text(GROUP, ALICE, "just chatting about @someone_else and yanray_bot")
+        fake.group_text(GROUP, ALICE, "/weather London")  # another bot's command
+        fake.group_text(GROUP, ALICE, "/reset@other_bot")
         asked = fake.group_text(GROUP, ALICE, "hey @yanray_bot what is the time?")
         await fake.wait_for(lambda: fake.messages(GROUP) == ["You said: hey what is the time?"])
         assert len(engine.prompts) == 1, "chatter reached no model"

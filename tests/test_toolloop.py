@@ -11,7 +11,7 @@ import pytest
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.recording import RecordingStream
 from tests.scripted_engine import ScriptedEngine
-from yanray.bot.toolloop import ToolLoop
+from yanray.bot.toolloop import NO_MORE_TOOLS, ToolLoop
 from yanray.bot.tools import Tool
 from yanray.bot.types import Incoming
 from yanray.engine.base import ChatMessage, GenerateOptions, Generation, TextCallback, ToolCall, ToolSpec
@@ -112,14 +112,19 @@ async def test_identical_repeated_call_reuses_the_first_result() -> None:
     assert result.visible == "done"
 
 
-async def test_rounds_are_bounded() -> None:
+async def test_rounds_are_bounded_and_the_model_still_answers() -> None:
     handler = Counting()
-    engine = ScriptedEngine(responder=lambda m: f"/count {len(m)}\n")
+    engine = ScriptedEngine(
+        responder=lambda m: (
+            "I give up: no more tools." if m[-1].content == NO_MORE_TOOLS else f"/count {len(m)}\n"
+        )
+    )
     loop = ToolLoop(tools={"count": counting_tool(handler)}, max_rounds=3)
     session = await engine.start([ChatMessage("user", "loop forever")])
     result = await loop.run(session, options=GenerateOptions)
     assert len(handler.calls) == 3
-    assert len(result.rounds) == 4 and result.rounds[-1].observation is None
+    assert [r.observation for r in result.rounds] == ["result 1", "result 2", "result 3", NO_MORE_TOOLS, None]
+    assert result.visible == "I give up: no more tools."
 
 
 class NativeSession:

@@ -35,7 +35,6 @@ def upgrade() -> None:
         sa.Column("platform", sa.String(length=32), nullable=False),
         sa.Column("external_id", sa.String(length=64), nullable=False),
         sa.Column("display_name", sa.String(length=256), nullable=False),
-        sa.Column("blocked", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("platform", "external_id"),
