@@ -113,10 +113,9 @@ class EngineWorker:
             try:
                 await self.process(job)
             except Exception:
-                # storage or an adapter failed outside generation: the request stays in the
-                # journal (answered after a restart); this worker goes on with the next one
+                # storage or an adapter failed outside generation; this worker goes on
                 logger.exception("request %d: could not be processed", job.request_id)
-                await self._tell(job.out, APOLOGY)
+                await self._give_up(job)
             finally:
                 self.queue.running = None
                 if not len(self.queue):
@@ -263,31 +262,33 @@ class EngineWorker:
             await crud.finish_request(
                 session=session, request_id=job.request_id, status=status, reply_text=reply, error=error
             )
-        if status == "cancelled" and reply:
-            # keep what was already written, marked as cut short
-            await self._deliver(job.request_id, job.out, f"{reply}\n\n[{error}]", True, error)
-        else:
-            # Delivery can wait on a platform's rate limit (a group's edit slot); the engine
-            # need not: the final text goes out in the background while the next job runs.
-            # A cancelled job delivers first, since an edit's new answer reuses its message.
-            task = asyncio.create_task(self._deliver(job.request_id, job.out, reply, status == "done", error))
-            self.deliveries.add(task)
-            task.add_done_callback(self.deliveries.discard)
+        if status == "cancelled":
+            # Delivered before the next job starts: an edit's new answer reuses this message.
+            # What was already written stays, marked as cut short.
+            cut = f"{reply}\n\n[{error}]" if reply else None
+            await self._deliver(job.request_id, job.out, cut, cut is not None, error)
+            return
+        # Delivery can wait on a platform's rate limit (a group's edit slot); the engine need
+        # not: the final text goes out in the background while the next job runs.
+        task = asyncio.create_task(self._deliver(job.request_id, job.out, reply, status == "done", error))
+        self.deliveries.add(task)
+        task.add_done_callback(self.deliveries.discard)
 
     async def _store_rounds(
         self, session: Any, conversation_id: int, request_id: int, turn: int, result: LoopResult
     ) -> None:
         for round_ in result.rounds:
             if round_.text:
+                name = round_.tool_name if round_.native else ""  # a slash call is plain text
                 await crud.add_message(
                     session=session,
                     conversation_id=conversation_id,
                     role="assistant",
                     text=round_.text,
                     turn=turn,
-                    tool_name=round_.tool_name if round_.native else "",
+                    tool_name=name,
                     request_id=request_id,
-                    token_count=self.counter.message(ChatMessage("assistant", round_.text, round_.tool_name)),
+                    token_count=self.counter.message(ChatMessage("assistant", round_.text, name)),
                 )
             if round_.observation is not None:
                 await crud.add_message(
@@ -300,11 +301,19 @@ class EngineWorker:
                     request_id=request_id,
                 )
 
-    async def _tell(self, out: ReplyStream, text: str) -> None:
+    async def _give_up(self, job: Job) -> None:
+        """Close a request that broke outside generation as failed, with an apology; if even
+        that fails (the database is gone), it stays in the journal for the next start."""
         try:
-            await out.fail(text)
+            await self._close(job, "failed", error=APOLOGY)
         except Exception:
-            logger.exception("could not tell the user that their request failed")
+            logger.exception(
+                "request %d: could not be closed; it is retried at the next start", job.request_id
+            )
+            try:
+                await job.out.fail(APOLOGY)
+            except Exception:
+                logger.exception("request %d: could not tell the user either", job.request_id)
 
     async def _deliver(
         self, request_id: int, out: ReplyStream, reply: str | None, ok: bool, error: str | None
