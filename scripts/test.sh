@@ -14,3 +14,5 @@ for package in bot engine adapters storage; do
 done
 MYPYPATH=build/typecheck mypy -p yanray.bot -p yanray.engine -p yanray.adapters -p yanray.storage
 pytest -q "$@"
+# the storage-heavy tests once more on PostgreSQL, where its server is installed
+bash scripts/postgres-tests.sh

@@ -6,15 +6,36 @@ together: the request is marked done in the same transaction that stores the rep
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from yanray.storage.models import Conversation, Message, Request, User, utcnow
 
 PENDING = ("queued", "running")
+T = TypeVar("T", User, Conversation)
+
+
+async def _get_or_add(
+    session: AsyncSession, model: type[T], where: Sequence[Any], make: Callable[[], T]
+) -> T:
+    """The row matching `where`, inserted by `make()` if missing. Two first messages at once
+    (PostgreSQL runs them in parallel) both try to insert: the loser reads the winner's row."""
+    row = await session.scalar(select(model).where(*where))
+    if row is not None:
+        return row
+    try:
+        async with session.begin_nested():
+            row = make()
+            session.add(row)
+    except IntegrityError:
+        row = await session.scalar(select(model).where(*where))
+        if row is None:
+            raise
+    return row
 
 
 async def get_or_create_conversation(
@@ -27,25 +48,25 @@ async def get_or_create_conversation(
     display_name: str,
 ) -> tuple[Conversation, User]:
     """The conversation for (platform, chat, user_key) and the speaking user, created on first use."""
-    user = await session.scalar(
-        select(User).where(User.platform == platform, User.external_id == user_external_id)
+    name = display_name[:256]
+    user = await _get_or_add(
+        session,
+        User,
+        [User.platform == platform, User.external_id == user_external_id],
+        lambda: User(platform=platform, external_id=user_external_id, display_name=name),
     )
-    if user is None:
-        user = User(platform=platform, external_id=user_external_id, display_name=display_name[:256])
-        session.add(user)
-    elif display_name and user.display_name != display_name[:256]:
-        user.display_name = display_name[:256]
-    conversation = await session.scalar(
-        select(Conversation).where(
+    if name and user.display_name != name:
+        user.display_name = name
+    conversation = await _get_or_add(
+        session,
+        Conversation,
+        [
             Conversation.platform == platform,
             Conversation.chat_id == chat_id,
             Conversation.user_key == user_key,
-        )
+        ],
+        lambda: Conversation(platform=platform, chat_id=chat_id, user_key=user_key, context_start=0),
     )
-    if conversation is None:
-        conversation = Conversation(platform=platform, chat_id=chat_id, user_key=user_key, context_start=0)
-        session.add(conversation)
-    await session.flush()
     return conversation, user
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -48,12 +49,30 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+async def database_url(tmp_path: Path) -> str:
+    """A fresh, empty database: SQLite in the test's folder, or, when TEST_POSTGRES_URL is set
+    (`postgresql+asyncpg://user@127.0.0.1:5432/db`), that PostgreSQL database emptied first."""
+    url = os.environ.get("TEST_POSTGRES_URL")
+    if not url:
+        return f"sqlite+aiosqlite:///{tmp_path / 'data' / 'yanray.db'}"
+    import asyncpg
+
+    connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await connection.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        await connection.close()
+    return url
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
     """Settings for a test: a temporary data folder, greedy decoding, no rate limit."""
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "data_dir": tmp_path / "data",
+            "database_url": database_url,
             "temperature": 0.0,
             "rate_limit_per_minute": 0,
             "max_new_tokens": 64,
