@@ -354,3 +354,15 @@ async def test_console_streaming_prints_each_answer_once() -> None:
     await stream.progress("\nThe answer is 4.\n")
     await stream.finish("The answer is 4.")
     assert output.getvalue().count("The answer is 4.") == 1
+
+
+async def test_first_messages_at_once_from_a_new_user_are_both_accepted(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["hi"])
+    core = await core_factory(make_settings(tools=[]), engine)
+    outs = [RecordingStream(), RecordingStream()]
+    await asyncio.gather(
+        core.dispatcher.handle(msg("in the group", user="zoe", chat="group"), outs[0]),
+        core.dispatcher.handle(msg("in private", user="zoe"), outs[1]),
+    )
+    assert [await out.wait() for out in outs] == ["hi", "hi"]
+    assert await statuses(core) == {"done": 2}
