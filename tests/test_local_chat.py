@@ -23,3 +23,16 @@ async def test_chat_with_a_local_chatglm3_folder(tmp_path: Path) -> None:
     code, out, err = await yanray(["chat"], environ, "你好\n/history\n", cwd=tmp_path)
     assert code == 0, err
     assert out == f"{ANSWER}\n\nYou: 你好\n\nYanray: {ANSWER}\n\n"
+
+
+@pytest.mark.slow
+async def test_quantize_command_writes_a_loadable_int8_folder(tmp_path: Path) -> None:
+    from tests.model_fixtures import release_folder
+    from yanray.engine.int8 import is_int8_folder
+
+    src = release_folder("tiny-32k", tmp_path / "release", fmt="bin")
+    dst = tmp_path / "int8"
+    code, out, err = await yanray(["quantize", str(src), str(dst)], env(tmp_path), cwd=tmp_path)
+    assert code == 0, err
+    assert f"YANRAY_MODEL={dst}" in out
+    assert is_int8_folder(dst) and not list(dst.glob("*.bin"))
