@@ -40,6 +40,7 @@ def make_engine(fake: FakeOpenAI | None = None, *, base_url: str = "", timeout: 
 
 async def assert_recovers(engine: OpenAIEngine, fake: FakeOpenAI, session: EngineSession) -> None:
     """After a failure the same session, and a new one, still answer."""
+    engine.timeout = max(engine.timeout, 10.0)  # a short timeout was the failure under test, not this
     fake.replies += ["Back again.", "Fresh session."]
     again = await session.generate(GenerateOptions())
     assert (again.text, again.finish) == ("Back again.", "stop")
