@@ -161,7 +161,7 @@ async def test_hostile_input_gives_one_quick_line(calc: Calculator, expression: 
     text = str(caught.value)
     assert message in text
     assert "\n" not in text and len(text) <= 200
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 4.0  # refused, not left to run into the 5 s limit
 
 
 async def test_code_execution_attempts_leave_no_trace(calc: Calculator, tmp_path: Path) -> None:
