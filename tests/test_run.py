@@ -36,14 +36,20 @@ async def test_run_serves_telegram_and_discord_then_stops_cleanly(tmp_path: Path
         )  # fmt: skip
         try:
             telegram.private_text(42, "hello from telegram")
-            await telegram.wait_for(lambda: telegram.messages(42), within=30)
+            await telegram.wait_for(
+                lambda: telegram.messages(42) == ["You said: hello from telegram"], within=30
+            )
             mid = await discord.user_message(
                 discord.channel_id,
                 discord.alice,
                 f"<@{discord.bot_id}> hello from discord",
                 mentions=[discord.bot],
             )
-            await discord.wait_for(lambda: discord.replies_to(mid), timeout=30)
+            # the reply streams in by edits: wait for the finished one
+            await discord.wait_for(
+                lambda: [m.content for m in discord.replies_to(mid)] == ["You said: hello from discord"],
+                timeout=30,
+            )
         finally:
             process.send_signal(signal.SIGTERM)
             out, err = await asyncio.wait_for(process.communicate(), 30)
