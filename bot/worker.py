@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +43,7 @@ PROMPT_ROLE: dict[str, Role] = {
     "tool": "observation",
     "system": "system",
 }
+TIMINGS_KEPT = 10_000
 HISTORY_PAGE = 64  # messages read back at first; more only while they all fit the budget
 APOLOGY = "Sorry, something went wrong while answering. Please try again."
 
@@ -101,8 +103,9 @@ class EngineWorker:
         self.idle.set()
         #: final answers on their way to the platforms
         self.deliveries: set[asyncio.Task[None]] = set()
-        #: seconds spent inside the engine vs in the whole request, for the pipeline benchmark
-        self.timings: list[tuple[float, float]] = []
+        #: (engine seconds, whole-request seconds) of the latest requests, for the benchmarks;
+        #: bounded, since a bot runs for months
+        self.timings: deque[tuple[float, float]] = deque(maxlen=TIMINGS_KEPT)
 
     async def run(self) -> None:
         """Answer jobs forever, one at a time."""
