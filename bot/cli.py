@@ -21,6 +21,7 @@ from yanray.bot.errors import ConfigError, EngineError, StorageError
 from yanray.bot.settings import Settings, load_settings
 from yanray.bot.types import Adapter
 from yanray.engine.base import Engine
+from yanray.storage import DatabaseLock
 
 logger = logging.getLogger("yanray")
 
@@ -169,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
     try:
-        if args.command == "chat":
-            asyncio.run(chat(settings))
-        elif args.command == "run":
-            asyncio.run(run(settings))
-        else:
+        if args.command == "quantize":
             quantize(args.src, args.dst)
+            return 0
+        # one process per SQLite journal, checked before the model loads (which takes a while)
+        lock = DatabaseLock.for_url(settings.resolved_database_url)
+        try:
+            asyncio.run(chat(settings) if args.command == "chat" else run(settings))
+        finally:
+            if lock is not None:
+                lock.release()
     except ConfigError as exc:
         print(f"yanray: bad setting: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ keyword-only functions in `crud`.
 
 from yanray.storage import crud
 from yanray.storage.db import Database, StorageError
+from yanray.storage.lock import DatabaseLock
 from yanray.storage.models import Conversation, Message, Request, User
 
-__all__ = ["Conversation", "Database", "Message", "Request", "StorageError", "User", "crud"]
+__all__ = ["Conversation", "Database", "DatabaseLock", "Message", "Request", "StorageError", "User", "crud"]
