@@ -5,18 +5,26 @@ input is not a terminal it reads one message per line, prints each complete repl
 followed by a blank line, and exits at end of input; lines are answered in order, each
 before the next is read. Only the conversation goes to standard output; logs go to
 standard error.
+
+Input is untrusted like any other: bytes that are not UTF-8 are read as U+FFFD (the line
+is answered, and the rest of the input is not dropped), and a line is read at most
+`MAX_LINE_CHARS` at a time, so an endless line is refused as too long without ever being
+held whole in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import sys
 from typing import Any, TextIO
 
-from yanray.bot.dispatcher import Dispatcher, position_text
+from yanray.bot.dispatcher import MAX_MESSAGE_CHARS, Dispatcher, position_text
 from yanray.bot.types import Incoming, ReplyStream, Route
 
 PROMPT = "you> "
+#: one more than a message may have, so that an overlong line is seen to be overlong
+MAX_LINE_CHARS = MAX_MESSAGE_CHARS + 1
 
 
 class ConsoleStream:
@@ -74,7 +82,11 @@ class ConsoleAdapter:
     ) -> None:
         self.dispatcher = dispatcher
         self.stdin = stdin or sys.stdin
+        if isinstance(self.stdin, io.TextIOWrapper):
+            self.stdin.reconfigure(errors="replace")  # bad UTF-8 is read as U+FFFD, not a crash
         self.stdout = stdout or sys.stdout
+        if isinstance(self.stdout, io.TextIOWrapper):
+            self.stdout.reconfigure(errors="replace")  # a lone surrogate from a server, say
         self.user = user
         self.interactive = self.stdin.isatty() and self.stdout.isatty()
         self._count = 0
@@ -92,8 +104,15 @@ class ConsoleAdapter:
         if self.interactive:
             self.stdout.write(PROMPT)
             self.stdout.flush()
-        line = await asyncio.to_thread(self.stdin.readline)
+        line = await asyncio.to_thread(self.stdin.readline, MAX_LINE_CHARS)
+        if len(line) >= MAX_LINE_CHARS and not line.endswith("\n"):
+            # an overlong line: its first part is refused as too long, the rest is skipped
+            await asyncio.to_thread(self._skip_rest_of_line)
         return line if line else None
+
+    def _skip_rest_of_line(self) -> None:
+        while (chunk := self.stdin.readline(1 << 16)) and not chunk.endswith("\n"):
+            pass
 
     async def converse(self) -> None:
         """Answer lines until end of input (Ctrl-D)."""

@@ -14,7 +14,9 @@ import contextlib
 import logging
 from types import TracebackType
 
+from yanray.bot.context import MIN_QUESTION_TOKENS
 from yanray.bot.dispatcher import Dispatcher
+from yanray.bot.errors import ConfigError
 from yanray.bot.queue import RequestQueue
 from yanray.bot.settings import Settings
 from yanray.bot.tools import build_tools
@@ -45,7 +47,32 @@ class Core:
     @classmethod
     async def open(cls, settings: Settings, engine: Engine) -> Core:
         db = await Database.open(settings.resolved_database_url)
-        return cls(settings=settings, db=db, engine=engine)
+        core = cls(settings=settings, db=db, engine=engine)
+        try:
+            core.check_context()
+        except BaseException:
+            await db.close()
+            raise
+        return core
+
+    def check_context(self) -> None:
+        """Refuse a context that cannot hold the instructions, the reply and a question:
+        such a bot would answer every message with "too long"."""
+        settings = self.settings
+        fixed, room = self.worker.question_room(settings.system_prompt)
+        if room >= MIN_QUESTION_TOKENS:
+            return
+        context = (
+            f"YANRAY_MAX_CONTEXT={settings.max_context}"
+            if settings.max_context
+            else f"the model's context ({self.engine.max_context} tokens)"
+        )
+        raise ConfigError(
+            f"{context} leaves {max(room, 0)} tokens for a question: the system prompt (with the "
+            f"tools) takes {fixed} and YANRAY_MAX_NEW_TOKENS reserves {settings.max_new_tokens}; "
+            f"at least {MIN_QUESTION_TOKENS} are needed. Raise YANRAY_MAX_CONTEXT, lower "
+            "YANRAY_MAX_NEW_TOKENS or shorten YANRAY_SYSTEM_PROMPT."
+        )
 
     def add_adapter(self, adapter: Adapter) -> None:
         self.worker.adapters[adapter.platform] = adapter

@@ -19,6 +19,9 @@ from yanray.bot.errors import ContextTooLong
 from yanray.bot.tools import Tool
 from yanray.engine.base import ChatMessage, Engine, ToolSpec
 
+#: the fewest tokens a question must have room for; a context with less is refused at start
+MIN_QUESTION_TOKENS = 32
+
 SLASH_HELP = (
     "You can use tools. To use one, write its command alone on a line, for example:\n"
     "{examples}\n"

@@ -43,6 +43,10 @@ DEFAULT_SYSTEM_PROMPT = (
     "Answer in the language the user writes in."
 )
 
+#: longest default system prompt; a conversation's own (/system) has a tighter limit
+MAX_SYSTEM_PROMPT_CHARS = 16_000
+MAX_SHOWN_VALUE = 60  # characters of a bad value quoted in the one-line error
+
 # The TOML file of the construction in progress (set by load_settings, read by the sources hook).
 _TOML_PATH: ContextVar[Path | None] = ContextVar("yanray_toml_path", default=None)
 
@@ -82,7 +86,9 @@ class Settings(BaseSettings):
     openai_timeout: float = Field(default=120.0, gt=0)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     max_new_tokens: int = Field(default=1024, ge=1, le=32768)
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str = Field(
+        default=DEFAULT_SYSTEM_PROMPT, min_length=1, max_length=MAX_SYSTEM_PROMPT_CHARS
+    )
 
     # -- tools and the request queue ----------------------------------------------------
     tools: CommaList = Field(default_factory=lambda: ["calculate"])
@@ -151,6 +157,17 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _context_has_room(self) -> Settings:
+        # the rest (the prompt's own tokens) is checked against the model once it is loaded
+        if self.max_context and self.max_context <= self.max_new_tokens:
+            raise ValueError(
+                f"YANRAY_MAX_CONTEXT={self.max_context} leaves no room for a question once "
+                f"YANRAY_MAX_NEW_TOKENS={self.max_new_tokens} is reserved for the reply; raise "
+                "YANRAY_MAX_CONTEXT (0 is the model's own) or lower YANRAY_MAX_NEW_TOKENS"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _webhook_needs_a_secret(self) -> Settings:
         # without the secret anyone who reaches the webhook could post forged updates
         if self.telegram_webhook_url and self.telegram_webhook_secret is None:
@@ -210,10 +227,13 @@ def _describe(error: Mapping[str, Any], toml: Path | None, environ: Mapping[str,
     value = error.get("input")
     if field in SECRET_FIELDS:
         value = "<secret>"
+    shown = repr(value)
+    if len(shown) > MAX_SHOWN_VALUE:
+        shown = f"{shown[: MAX_SHOWN_VALUE - 1]}…"
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{field} in {toml}: not a Yanray setting"
-    return f"{where}={value!r}: {message}"
+    return f"{where}={shown}: {message}"
 
 
 def load_settings(config: Path | None = None) -> Settings:
