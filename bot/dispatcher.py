@@ -23,6 +23,7 @@ import time
 from collections import defaultdict, deque
 from typing import Any
 
+from yanray.bot.context import MIN_QUESTION_TOKENS
 from yanray.bot.errors import QueueFull
 from yanray.bot.queue import Job, RequestQueue
 from yanray.bot.settings import Settings
@@ -43,7 +44,15 @@ COMMANDS: list[tuple[str, str]] = [
 MAX_MESSAGE_CHARS = 100_000
 MAX_SYSTEM_CHARS = 4_000
 HISTORY_DEFAULT, HISTORY_MAX, HISTORY_CLIP = 10, 50, 300
-_COMMAND = re.compile(r"^/([A-Za-z_]+)(?:@\w+)?(?:\s+(.*))?$", re.DOTALL)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_COMMAND = re.compile(r"^/([A-Za-z_]++)(?:@\w++)?(?:\s++(.*+))?$", re.DOTALL)
+#: commands that cost work (a model request, or a new prompt to count), rate-limited like questions
+COSTLY_COMMANDS = frozenset({"retry", "system"})
+RATE_LIMITED = "You're sending messages faster than I can read them; wait a minute and try again."
+MODERATORS_ONLY = {
+    "reset": "In this shared conversation only the chat's admins can /reset it.",
+    "system": "In this shared conversation only the chat's admins can change my instructions.",
+}
 
 HELP = """I'm Yanray, a personal assistant running on a local language model. Just write to me.
 I remember our conversation and can use a calculator while answering.
@@ -53,6 +62,11 @@ I remember our conversation and can use a calculator while answering.
 /retry - write the last answer again
 /history [n] - show the last n messages
 /system [text] - show or set my instructions for this conversation (/system default to undo)"""
+
+
+def scrub(text: str) -> str:
+    """`text` with lone UTF-16 surrogates (which no database or platform can encode) as U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def position_text(position: int) -> str:
@@ -83,39 +97,51 @@ class Dispatcher:
                 logger.info("refused %s (not in YANRAY_ALLOWED_USERS)", who)
                 await out.send(f"Sorry, I only answer people my owner allowed. Your id is {who}.")
             return
-        text = incoming.text.strip()
+        if len(incoming.text) > MAX_MESSAGE_CHARS:  # before any parsing
+            logger.info("refused a message of %d characters from %s", len(incoming.text), who)
+            await out.send(
+                f"Your message is too long (over {MAX_MESSAGE_CHARS:,} characters). "
+                "Please shorten it or send it in parts."
+            )
+            return
+        text = scrub(incoming.text).strip()
         match = _COMMAND.match(text)
         command = match.group(1).lower() if match else ""
         if command in ("start", "help"):
             await out.send(HELP)
             return
         if command in ("reset", "stop", "retry", "history", "system"):
-            conversation = await self._conversation(incoming)
             argument = (match.group(2) or "").strip() if match else ""
+            if incoming.shared and command in MODERATORS_ONLY and not self._moderates(incoming, who):
+                if command == "reset" or argument:  # showing the instructions is for everyone
+                    await out.send(MODERATORS_ONLY[command])
+                    return
+            if command in COSTLY_COMMANDS and not self._within_rate(who):
+                await out.send(RATE_LIMITED)
+                return
+            conversation = await self._conversation(incoming)
             await getattr(self, f"_cmd_{command}")(conversation, argument, incoming, out)
             return
         if not text:
             await out.send("Ask me anything: write your question after the mention.")
             return
-        if len(text) > MAX_MESSAGE_CHARS:
-            await out.send(
-                f"Your message is too long ({len(text)} characters; at most {MAX_MESSAGE_CHARS}). "
-                "Please shorten it or send it in parts."
-            )
-            return
         if not self._within_rate(who):
-            await out.send(
-                "You're sending messages faster than I can read them; wait a minute and try again."
-            )
+            logger.info("rate limit: %s", who)
+            await out.send(RATE_LIMITED)
             return
         await self._accept(incoming, text, out)
 
     async def handle_edit(self, incoming: Incoming, out: ReplyStream) -> bool:
-        """The user edited a message: regenerate if it is the conversation's latest question."""
-        if incoming.message_id is None or not self._allowed(f"{incoming.platform}:{incoming.user_id}"):
+        """The user edited a message: regenerate if it is the conversation's latest question.
+
+        Returns whether `out` now answers the edit (the earlier answer is replaced). An edit
+        counts against the rate limit like a question: past it, the earlier answer is stopped
+        and replaced by the rate-limit line instead of a new answer."""
+        who = f"{incoming.platform}:{incoming.user_id}"
+        if incoming.message_id is None or not self._allowed(who) or len(incoming.text) > MAX_MESSAGE_CHARS:
             return False
-        text = incoming.text.strip()
-        if not text or _COMMAND.match(text) or len(text) > MAX_MESSAGE_CHARS:
+        text = scrub(incoming.text).strip()
+        if not text or _COMMAND.match(text):
             return False
         conversation = await self._conversation(incoming)
         async with self.db.transaction() as session:
@@ -131,6 +157,10 @@ class Dispatcher:
         previous = old.id if old is not None and old.user_message_id == message.id else None
         if previous is not None:
             await self._cancel_request(previous, "Replaced by your edited message.")
+        if not self._within_rate(who):
+            logger.info("rate limit: %s edited message %s", who, incoming.message_id)
+            await out.send(RATE_LIMITED)
+            return True
         await self._ask_again(conversation.id, message.id, previous, incoming, out, text=text)
         return True
 
@@ -176,7 +206,7 @@ class Dispatcher:
             if reserved is not None:
                 self.queue.release(reserved)
             raise
-        await self._enqueue(Job(request.id, conversation.id, out), reserved=True)
+        await self._enqueue(Job(request.id, conversation.id, out, asker=self._who(incoming)), reserved=True)
 
     async def _enqueue(self, job: Job, *, reserved: bool = True) -> None:
         position = self.queue.put(job, reserved=reserved)
@@ -213,10 +243,14 @@ class Dispatcher:
         except BaseException:
             self.queue.release(conversation_id)
             raise
-        await self._enqueue(Job(request.id, conversation_id, out))
+        await self._enqueue(Job(request.id, conversation_id, out, asker=self._who(incoming)))
 
     def _route(self, incoming: Incoming) -> dict[str, object]:
-        return {**incoming.route, "platform": incoming.platform}
+        return {**incoming.route, "platform": incoming.platform, "asker": self._who(incoming)}
+
+    @staticmethod
+    def _who(incoming: Incoming) -> str:
+        return f"{incoming.platform}:{incoming.user_id}"
 
     # -- commands ----------------------------------------------------------------------
 
@@ -227,9 +261,19 @@ class Dispatcher:
             await crud.reset_conversation(session=session, conversation_id=conversation.id)
         await out.send("Fresh start: I've set our earlier messages aside (they stay stored).")
 
-    async def _cmd_stop(self, conversation: Conversation, _arg: str, _in: Incoming, out: ReplyStream) -> None:
-        stopped = await self._cancel(conversation.id, reason="Stopped.")
-        await out.send("Stopped." if stopped else "There is nothing to stop.")
+    async def _cmd_stop(
+        self, conversation: Conversation, _arg: str, incoming: Incoming, out: ReplyStream
+    ) -> None:
+        # in a shared conversation a member stops only their own answers; its moderators, all
+        who = f"{incoming.platform}:{incoming.user_id}"
+        asker = who if incoming.shared and not self._moderates(incoming, who) else None
+        stopped = await self._cancel(conversation.id, reason="Stopped.", asker=asker)
+        if stopped:
+            await out.send("Stopped.")
+        elif asker is not None:
+            await out.send("You have no answer to stop here (only the chat's admins can stop others').")
+        else:
+            await out.send("There is nothing to stop.")
 
     async def _cmd_retry(
         self, conversation: Conversation, _arg: str, incoming: Incoming, out: ReplyStream
@@ -279,6 +323,14 @@ class Dispatcher:
             )
             return
         new = None if arg.lower() == "default" else arg
+        if new is not None:
+            fixed, room = self.worker.question_room(new)
+            if room < MIN_QUESTION_TOKENS:
+                await out.send(
+                    f"Those instructions are too long for my context (about {fixed} tokens; "
+                    f"at most {fixed + room - MIN_QUESTION_TOKENS} fit)."
+                )
+                return
         async with self.db.transaction() as session:
             await crud.set_system_prompt(session=session, conversation_id=conversation.id, text=new)
         await out.send(
@@ -287,11 +339,11 @@ class Dispatcher:
 
     # -- helpers -----------------------------------------------------------------------
 
-    async def _cancel(self, conversation_id: int, *, reason: str) -> bool:
-        """Cancel this conversation's waiting and running requests."""
-        waiting = self.queue.cancel_conversation(conversation_id)
+    async def _cancel(self, conversation_id: int, *, reason: str, asker: str | None = None) -> bool:
+        """Cancel this conversation's waiting and running requests (only `asker`'s, if given)."""
+        waiting = self.queue.cancel_conversation(conversation_id, asker=asker)
         await self._close_cancelled(waiting, reason)
-        running = self.worker.cancel_running(conversation_id, reason=reason)
+        running = self.worker.cancel_running(conversation_id, reason=reason, asker=asker)
         return bool(waiting) or running is not None
 
     async def _cancel_request(self, request_id: int, reason: str) -> None:
@@ -328,8 +380,11 @@ class Dispatcher:
             chat_id=incoming.chat_id,
             user_key=incoming.conversation_user,
             user_external_id=incoming.user_id,
-            display_name=incoming.display_name,
+            display_name=scrub(incoming.display_name),
         )
+
+    def _moderates(self, incoming: Incoming, who: str) -> bool:
+        return incoming.moderator or who in self.settings.admins
 
     def _allowed(self, who: str) -> bool:
         allowed = self.settings.allowed_users

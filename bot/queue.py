@@ -32,6 +32,9 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     #: what the user is told when the job is cancelled
     cancel_reason: str = "Stopped."
+    #: who asked ("platform:user id"), so that in a shared conversation /stop stops only
+    #: the asker's own answers; "" when unknown (a request stored by an older Yanray)
+    asker: str = ""
 
 
 class RequestQueue:
@@ -107,10 +110,14 @@ class RequestQueue:
                 return True
         return False
 
-    def cancel_conversation(self, conversation_id: int) -> list[Job]:
-        """Take every waiting job of a conversation out of the queue and return them."""
-        jobs = [job for _t, _a, job in self._jobs if job.conversation_id == conversation_id]
-        self._jobs = [entry for entry in self._jobs if entry[2].conversation_id != conversation_id]
+    def cancel_conversation(self, conversation_id: int, *, asker: str | None = None) -> list[Job]:
+        """Take the waiting jobs of a conversation (only `asker`'s, if given) out of the queue."""
+
+        def taken(job: Job) -> bool:
+            return job.conversation_id == conversation_id and (asker is None or job.asker == asker)
+
+        jobs = [job for _t, _a, job in self._jobs if taken(job)]
+        self._jobs = [entry for entry in self._jobs if not taken(entry[2])]
         return jobs
 
     def find(self, request_id: int) -> Job | None:

@@ -38,6 +38,10 @@ class Incoming:
     route: Route = field(default_factory=dict)
     #: the platform's role ids of the sender (Discord allowlists); empty elsewhere
     roles: tuple[str, ...] = ()
+    #: the sender moderates this chat (a Telegram group's administrator, a Discord member with
+    #: Manage Messages there); in a shared conversation only they (and YANRAY_ADMINS) may
+    #: /reset it, change its /system instructions or /stop someone else's answer
+    moderator: bool = False
 
     @property
     def conversation_user(self) -> str:

@@ -124,13 +124,29 @@ class EngineWorker:
                 if not len(self.queue):
                     self.idle.set()
 
-    def cancel_running(self, conversation_id: int, *, reason: str = "Stopped.") -> Job | None:
+    def cancel_running(
+        self, conversation_id: int, *, reason: str = "Stopped.", asker: str | None = None
+    ) -> Job | None:
+        """Cancel the answer being written for this conversation (only if `asker` asked it, if given)."""
         job = self.queue.running
-        if job is not None and job.conversation_id == conversation_id:
+        if (
+            job is not None
+            and job.conversation_id == conversation_id
+            and (asker is None or job.asker == asker)
+        ):
             job.cancel_reason = reason
             job.cancel.set()
             return job
         return None
+
+    def question_room(self, base_prompt: str) -> tuple[int, int]:
+        """(tokens the instructions take, tokens left for the history and the question)
+        with `base_prompt` as the system prompt and the reply's tokens reserved."""
+        tools = list(self.tools.values()) if self.settings.tool_rounds > 0 else []
+        specs = [t.spec for t in tools] if self.engine.native_tools else []
+        system = ChatMessage("system", system_prompt(base_prompt, tools, native=self.engine.native_tools))
+        fixed = self.counter.prompt([system], specs)
+        return fixed, self.engine.max_context - self.settings.max_new_tokens - fixed
 
     async def recover(self) -> int:
         """Re-queue what a previous run left unanswered; returns how many requests."""
@@ -158,7 +174,8 @@ class EngineWorker:
                 continue
             async with self.db.transaction() as session:
                 await crud.requeue(session=session, request_id=request.id)
-            self.queue.put(Job(request.id, request.conversation_id, out), reserved=False)
+            asker = str(request.route.get("asker", ""))
+            self.queue.put(Job(request.id, request.conversation_id, out, asker=asker), reserved=False)
             count += 1
         if count:
             logger.info("re-queued %d requests left unanswered by the last run", count)
