@@ -218,7 +218,12 @@ class DiscordAdapter:
     async def on_slash(self, interaction: discord.Interaction[Any], text: str) -> None:
         channel_id = interaction.channel_id or 0
         incoming = self._make_incoming(
-            channel_id, interaction.user, text, guild_id=interaction.guild_id, message_id=None
+            channel_id,
+            interaction.user,
+            text,
+            guild_id=interaction.guild_id,
+            message_id=None,
+            moderator=interaction.guild_id is not None and interaction.permissions.manage_messages,
         )
         if not self._allowed(interaction.guild_id, interaction.channel, incoming):
             await interaction.response.send_message(REFUSAL, ephemeral=True)
@@ -248,6 +253,7 @@ class DiscordAdapter:
             message_id=message.id,
             reply_to=reference,
             mentioned=mentioned,
+            moderator=_can_manage_messages(message.channel, message.author),
         )
 
     def _make_incoming(
@@ -260,6 +266,7 @@ class DiscordAdapter:
         message_id: int | None,
         reply_to: int | None = None,
         mentioned: bool = True,
+        moderator: bool = False,
     ) -> Incoming:
         return Incoming(
             platform=self.platform,
@@ -274,6 +281,7 @@ class DiscordAdapter:
             shared=guild_id is not None and self.settings.discord_channel_mode == "shared",
             route={"channel_id": str(channel_id), "message_id": _str(message_id)},
             roles=tuple(str(r.id) for r in getattr(user, "roles", ()) if not r.is_default()),
+            moderator=moderator,
         )
 
     def _allowed(self, guild_id: int | None, channel: Any, incoming: Incoming) -> bool:
@@ -290,6 +298,13 @@ class DiscordAdapter:
             if not places & set(s.discord_allowed_channels):
                 return False
         return not s.discord_allowed_roles or bool(set(incoming.roles) & set(s.discord_allowed_roles))
+
+
+def _can_manage_messages(channel: Any, user: discord.User | discord.Member) -> bool:
+    """Whether `user` moderates `channel` (Manage Messages there); never in a DM."""
+    if not isinstance(user, discord.Member) or not hasattr(channel, "permissions_for"):
+        return False
+    return bool(channel.permissions_for(user).manage_messages)
 
 
 def _replies_to(message: discord.Message, user_id: int) -> bool:

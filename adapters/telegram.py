@@ -26,14 +26,16 @@ not written to until a message from it arrives again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 from collections import Counter
 from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import urlsplit
 
 from telegram import Bot, BotCommand, Message, MessageEntity, Update
-from telegram.constants import ChatType
+from telegram.constants import ChatMemberStatus, ChatType
 from telegram.error import TelegramError
 from telegram.ext import Application, BaseUpdateProcessor, ContextTypes, MessageHandler, filters
 
@@ -54,6 +56,8 @@ NON_TEXT_NOTE = (
 )
 APOLOGY = "Sorry, something went wrong on my side. Please try again."
 UPDATES = ["message", "edited_message"]
+#: commands whose effect in a shared group depends on whether the sender administers it
+_MODERATED = re.compile(r"/(?:reset|system|stop)(?![A-Za-z_])", re.IGNORECASE)
 
 
 class PerChatProcessor(BaseUpdateProcessor):
@@ -286,7 +290,21 @@ class TelegramAdapter:
                 await self._stream(self._incoming(message, "", mention)).send(NON_TEXT_NOTE)
             return  # service messages (members joining, pins...) are not for Yanray
         incoming = self._incoming(message, text, mention)
+        if incoming.shared and _MODERATED.match(text):
+            incoming = dataclasses.replace(incoming, moderator=await self._moderates(message))
         await self.dispatcher.handle(incoming, self._stream(incoming))
+
+    async def _moderates(self, message: Message) -> bool:
+        """Whether the sender administers the group (asked only for commands that need it)."""
+        if message.sender_chat is not None and message.sender_chat.id == message.chat.id:
+            return True  # an anonymous administrator, posting as the group itself
+        assert message.from_user is not None
+        try:
+            member = await message.chat.get_member(message.from_user.id)
+        except TelegramError as exc:
+            logger.warning("chat %s: could not check who administers it: %s", message.chat.id, exc)
+            return False
+        return member.status in (ChatMemberStatus.OWNER, ChatMemberStatus.ADMINISTRATOR)
 
     async def _on_edit(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.edited_message

@@ -13,6 +13,12 @@ Where the design is silent:
 - Refused users (not in `YANRAY_ALLOWED_USERS`) hear one refusal per process run,
   then silence, so a stranger cannot make the bot spam a group.
 - The rate limit is a sliding minute per user, in memory (`YANRAY_RATE_LIMIT_PER_MINUTE`).
+  Questions, edits that regenerate an answer, `/retry` and setting `/system` (which costs a
+  count of the new prompt's tokens) count against it; other commands are cheap and do not.
+- In a shared conversation (a group whose members share one), `/reset` and setting
+  `/system` belong to the chat's moderators (`Incoming.moderator`: Telegram group
+  administrators, Discord members with Manage Messages) and `YANRAY_ADMINS`; `/stop`
+  stops the asker's own answers, and a moderator's stops everyone's.
 """
 
 from __future__ import annotations
@@ -46,8 +52,6 @@ MAX_SYSTEM_CHARS = 4_000
 HISTORY_DEFAULT, HISTORY_MAX, HISTORY_CLIP = 10, 50, 300
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _COMMAND = re.compile(r"^/([A-Za-z_]++)(?:@\w++)?(?:\s++(.*+))?$", re.DOTALL)
-#: commands that cost work (a model request, or a new prompt to count), rate-limited like questions
-COSTLY_COMMANDS = frozenset({"retry", "system"})
 RATE_LIMITED = "You're sending messages faster than I can read them; wait a minute and try again."
 MODERATORS_ONLY = {
     "reset": "In this shared conversation only the chat's admins can /reset it.",
@@ -116,7 +120,8 @@ class Dispatcher:
                 if command == "reset" or argument:  # showing the instructions is for everyone
                     await out.send(MODERATORS_ONLY[command])
                     return
-            if command in COSTLY_COMMANDS and not self._within_rate(who):
+            costly = command == "retry" or (command == "system" and argument)
+            if costly and not self._within_rate(who):
                 await out.send(RATE_LIMITED)
                 return
             conversation = await self._conversation(incoming)

@@ -12,7 +12,8 @@ Serves `/bot{token}/{method}` on 127.0.0.1 and a free port; point PTB at it with
 
 Methods: getMe, deleteWebhook, setWebhook, getWebhookInfo, getUpdates (long poll with
 `offset`, `timeout`, `limit`), sendMessage, editMessageText, deleteMessage,
-sendMessageDraft, sendChatAction, setMyCommands, getMyCommands, deleteMyCommands. Bodies
+sendMessageDraft, sendChatAction, setMyCommands, getMyCommands, deleteMyCommands,
+getChatMember (members of `admins` are administrators). Bodies
 are read as PTB sends them (form fields, each non-string value JSON-encoded) or as JSON.
 
 Like Telegram it checks what it is sent: HTML is parsed with Telegram's tag set and a
@@ -194,6 +195,8 @@ class FakeTelegram:
         self.updates: list[dict[str, Any]] = []
         self.user_messages: dict[tuple[int, int], dict[str, Any]] = {}
         self.blocked: set[int] = set()
+        #: (chat id, user id) of group administrators, for getChatMember
+        self.admins: set[tuple[int, int]] = set()
         #: called with each bot message after it is sent or edited (benchmarks time answers with it)
         self.listeners: list[Callable[[SentMessage], None]] = []
         self._faults: list[tuple[str, str, int | None, int]] = []  # method, kind, chat, retry_after
@@ -461,6 +464,27 @@ class FakeTelegram:
     async def _api_setWebhook(self, params: dict[str, Any]) -> Any:
         self.webhook_url = str(params.get("url", ""))
         return True
+
+    async def _api_getChatMember(self, params: dict[str, Any]) -> Any:
+        chat_id, user_id = int(params["chat_id"]), int(params["user_id"])
+        if (chat_id, user_id) in self.admins:
+            return {
+                "status": "administrator",
+                "user": self._user(user_id),
+                "can_be_edited": False,
+                "is_anonymous": False,
+                "can_manage_chat": True,
+                "can_delete_messages": True,
+                "can_manage_video_chats": False,
+                "can_restrict_members": True,
+                "can_promote_members": False,
+                "can_change_info": True,
+                "can_invite_users": True,
+                "can_post_stories": False,
+                "can_edit_stories": False,
+                "can_delete_stories": False,
+            }
+        return {"status": "member", "user": self._user(user_id)}
 
     async def _api_getWebhookInfo(self, params: dict[str, Any]) -> Any:
         return {"url": self.webhook_url, "has_custom_certificate": False, "pending_update_count": 0}
