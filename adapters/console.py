@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from yanray.bot.dispatcher import MAX_MESSAGE_CHARS, Dispatcher, position_text
@@ -67,6 +68,9 @@ class ConsoleStream:
     async def fail(self, text: str) -> None:
         self._write(("\n" if self._printed else "") + f"[{text}]\n\n")
         self.done.set()
+
+    def watch(self, record: Callable[[Any], Awaitable[None]]) -> None:
+        """A terminal cannot edit what it printed; a restarted `yanray chat` prints anew."""
 
 
 class ConsoleAdapter:

@@ -129,6 +129,10 @@ class DiscordReplyStream:
     async def fail(self, text: str) -> None:
         await self._last_word("fail", text)
 
+    def watch(self, record: Callable[[Any], Awaitable[None]]) -> None:
+        """Not needed here: after a restart `reopen` finds its earlier reply in the channel
+        history (`ChannelSink.previous`), with what each message shows."""
+
     # -- edits: one answer replaced by another ----------------------------------------
 
     def successor(self) -> DiscordReplyStream:

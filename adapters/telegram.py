@@ -204,6 +204,7 @@ class TelegramAdapter:
             reply_to=route.get("message_id"),
             private=bool(route.get("private", True)),
             thread_id=route.get("thread_id"),
+            shown=route.get("shown") or (),
         )
 
     # -- updates -----------------------------------------------------------------------

@@ -37,14 +37,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import warnings
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from telegram import Bot, Message, ReplyParameters
 from telegram.constants import ChatAction, ParseMode
@@ -105,6 +106,11 @@ async def with_retries(make: Callable[[], Awaitable[T]], *, chat_id: int, retry_
             wait = retry_base * 2 ** (failures - 1)
             logger.info("chat %s: %s; retrying in %.1f s", chat_id, exc.message, wait)
             await asyncio.sleep(wait)
+
+
+def _digest(part: str) -> str:
+    """What a message shows, in short: enough to tell after a restart whether it is current."""
+    return hashlib.blake2b(part.encode("utf-8", "replace"), digest_size=8).hexdigest()
 
 
 def _says(exc: TelegramError, fragment: str) -> bool:
@@ -171,15 +177,24 @@ class TelegramReply:
         private: bool,
         thread_id: int | None = None,
         takeover: TelegramReply | None = None,
+        shown: Sequence[Sequence[Any]] = (),
     ) -> None:
         self.ctx, self.chat_id, self.reply_to = ctx, chat_id, reply_to
         self.private, self.thread_id = private, thread_id
-        self.messages: list[int] = []  # the bot's messages showing this answer
-        self._shown: list[str] = []  # the Markdown each of them shows
+        # the bot's messages showing this answer, and a digest of the Markdown each shows;
+        # `shown` is what an earlier run reported (`watch`), so they are edited, not repeated
+        self.messages: list[int] = []
+        self._shown: list[str] = []
+        for item in shown:
+            if len(item) == 2 and isinstance(item[0], int) and isinstance(item[1], str):
+                self.messages.append(item[0])
+                self._shown.append(item[1])
+        self._record: Callable[[Any], Awaitable[None]] | None = None
         self._takeover = takeover
         self._latest = ""  # what the next preview shows
         self._partial = ""  # the reply so far
-        self._use_messages = not private  # preview by editing a message instead of drafts
+        # preview by editing a message instead of drafts
+        self._use_messages = not private or bool(self.messages)
         self._closed = False
         self._wake = asyncio.Event()
         self._io = asyncio.Lock()  # held for every write, so writes never overlap
@@ -218,6 +233,16 @@ class TelegramReply:
     async def fail(self, text: str) -> None:
         partial = self._partial.rstrip()
         await self._final(f"{partial}\n\n⚠️ {text}" if partial else text)
+
+    def watch(self, record: Callable[[Any], Awaitable[None]]) -> None:
+        self._record = record
+
+    async def _report(self) -> None:
+        """Tell the core which messages show this answer now (stored for a restart)."""
+        if self._record is not None:
+            await self._record(
+                [[mid, digest] for mid, digest in zip(self.messages, self._shown, strict=True)]
+            )
 
     def abort(self) -> None:
         """Stop background work without writing anything (the adapter is stopping)."""
@@ -328,7 +353,7 @@ class TelegramReply:
         try:
             parts = self._parts(text)
             for index, part in enumerate(parts):
-                if index < len(self.messages) and self._shown[index] == part:
+                if index < len(self.messages) and self._shown[index] == _digest(part):
                     continue
                 if not self.private:
                     await self.ctx.throttle.wait(self.chat_id, self.ctx.edit_interval)
@@ -343,7 +368,9 @@ class TelegramReply:
                         chat_id=self.chat_id,
                         retry_base=self.ctx.retry_base,
                     )
-            del self.messages[len(parts) :], self._shown[len(parts) :]
+            if len(self.messages) > len(parts):
+                del self.messages[len(parts) :], self._shown[len(parts) :]
+                await self._report()
         except ChatBlocked:
             self._blocked()
         except (BadRequest, RetryAfter) as exc:
@@ -379,11 +406,11 @@ class TelegramReply:
             if index >= len(self.messages):
                 await self._send_new(part)
                 break
-            if self._shown[index] != part:
+            if self._shown[index] != _digest(part):
                 await self._edit(index, part)
                 break
         return len(parts) > len(self.messages) or any(
-            a != b for a, b in zip(self._shown, parts, strict=False)
+            a != _digest(b) for a, b in zip(self._shown, parts, strict=False)
         )
 
     async def _formatted(self, write: Callable[[str, str | None], Awaitable[T]], part: str) -> T:
@@ -414,7 +441,8 @@ class TelegramReply:
 
         message = await self._formatted(write, part)
         self.messages.append(message.message_id)
-        self._shown.append(part)
+        self._shown.append(_digest(part))
+        await self._report()
 
     async def _edit(self, index: int, part: str) -> None:
         message_id = self.messages[index]
@@ -434,7 +462,8 @@ class TelegramReply:
                 return
             if not _says(exc, "message is not modified"):
                 raise
-        self._shown[index] = part
+        self._shown[index] = _digest(part)
+        await self._report()
 
     async def _draft(self, part: str) -> None:
         def write(text: str, mode: str | None) -> Awaitable[bool]:

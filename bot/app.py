@@ -102,6 +102,7 @@ class Core:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        await self.worker.shown.flush()
         for tool in self.worker.tools.values():
             if tool.close is not None:
                 tool.close()

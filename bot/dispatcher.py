@@ -214,6 +214,7 @@ class Dispatcher:
         await self._enqueue(Job(request.id, conversation.id, out, asker=self._who(incoming)), reserved=True)
 
     async def _enqueue(self, job: Job, *, reserved: bool = True) -> None:
+        self.worker.track(job.request_id, job.out)
         position = self.queue.put(job, reserved=reserved)
         if position > 0:
             await job.out.queued(position)

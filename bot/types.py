@@ -7,12 +7,13 @@ enqueues it, and the engine worker later streams the answer through the same str
 
 `route` is what the adapter needs to answer again later, after a restart (for example
 the chat id and the message id to reply to). It is stored with the request as JSON, and
-`Adapter.reopen(route)` turns it back into a `ReplyStream` for a recovered request.
+`Adapter.reopen(route)` turns it back into a `ReplyStream` for a recovered request, with
+what the stream last reported showing (`ReplyStream.watch`) under `route["shown"]`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -82,6 +83,17 @@ class ReplyStream(Protocol):
 
     async def fail(self, text: str) -> None:
         """The request failed; `text` is one line for the user."""
+        ...
+
+    def watch(self, record: Callable[[Any], Awaitable[None]]) -> None:
+        """The core asks to be told what this stream shows, for a question it stored.
+
+        The stream awaits `record(value)` whenever the messages showing the answer change
+        (a notice or a partial answer posted, a part edited); `value` is JSON only the
+        adapter reads. It is stored with the request, and after a restart `reopen(route)`
+        finds it under `route["shown"]`, so the notice or partial answer already on the
+        screen becomes the answer instead of a new message beside it. A stream whose
+        platform cannot edit, or finds its earlier messages itself, ignores it."""
         ...
 
 

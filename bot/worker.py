@@ -19,6 +19,7 @@ and unexpected ones each close the request as failed and tell the user one line.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -81,6 +82,47 @@ class _Progress:
             logger.warning("showing the reply so far failed: %r", outcome)
 
 
+class ShownRecorder:
+    """Stores what each request's stream shows, many updates per transaction.
+
+    `record()` returns once the value is committed (or the write failed: what a stream
+    shows is a courtesy for after a restart, never a reason to hold up an answer)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._pending: dict[int, Any] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def record(self, request_id: int, shown: Any) -> None:
+        self._pending[request_id] = shown
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._write(), name="yanray-shown-writer")
+        await asyncio.shield(waiter)
+
+    async def flush(self) -> None:
+        """Wait for the writes under way (before the database closes)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            waiters, self._waiters = self._waiters, []
+            try:
+                async with self.db.transaction() as session:
+                    for request_id, shown in batch.items():
+                        await crud.set_shown(session=session, request_id=request_id, shown=shown)
+            except Exception:
+                logger.warning("could not store which messages show %d answers", len(batch), exc_info=True)
+            finally:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+
 class EngineWorker:
     def __init__(
         self,
@@ -99,6 +141,7 @@ class EngineWorker:
         self.loop = ToolLoop(tools=tools, max_rounds=settings.tool_rounds)
         self.counter = TokenCounter(engine)
         self.adapters: dict[str, Adapter] = {}
+        self.shown = ShownRecorder(db)
         self.idle = asyncio.Event()
         self.idle.set()
         #: final answers on their way to the platforms
@@ -148,6 +191,10 @@ class EngineWorker:
         fixed = self.counter.prompt([system], specs)
         return fixed, self.engine.max_context - self.settings.max_new_tokens - fixed
 
+    def track(self, request_id: int, out: ReplyStream) -> None:
+        """Have `out` report what it shows for this stored request (see `ReplyStream.watch`)."""
+        out.watch(functools.partial(self.shown.record, request_id))
+
     async def recover(self) -> int:
         """Re-queue what a previous run left unanswered; returns how many requests."""
         async with self.db.transaction() as session:
@@ -166,7 +213,11 @@ class EngineWorker:
                 running is not None and running.request_id == request.id
             ):
                 continue  # accepted by this run while the adapters were starting
-            out = adapter.reopen(request.route)
+            route = dict(request.route)
+            if request.shown is not None:
+                route["shown"] = request.shown
+            out = adapter.reopen(route)
+            self.track(request.id, out)
             if request.status in ("done", "failed"):
                 await self._deliver(
                     request.id, out, request.reply_text, request.status == "done", request.error

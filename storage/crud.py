@@ -172,6 +172,10 @@ async def finish_request(
             )
 
 
+async def set_shown(*, session: AsyncSession, request_id: int, shown: Any) -> None:
+    await session.execute(update(Request).where(Request.id == request_id).values(shown=shown))
+
+
 async def mark_delivered(*, session: AsyncSession, request_id: int) -> None:
     await session.execute(update(Request).where(Request.id == request_id).values(delivered=True))
 

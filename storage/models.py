@@ -82,6 +82,9 @@ class Request(Base):
     user_message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"))
     status: Mapped[str] = mapped_column(String(16), default="queued")
     route: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: what the adapter reported showing for this request (the ids of its queue notice and
+    #: partial answer), so that after a restart that message becomes the answer
+    shown: Mapped[Any] = mapped_column(JSON, nullable=True)
     reply_text: Mapped[str | None] = mapped_column(Text, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     delivered: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -33,6 +33,9 @@ class RecordingStream:
         self.events.append(("fail", text))
         self.done.set()
 
+    def watch(self, record: Any) -> None:
+        self.record = record
+
     def of(self, kind: str) -> list[Any]:
         return [value for k, value in self.events if k == kind]
 

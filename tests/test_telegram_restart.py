@@ -1,0 +1,98 @@
+"""After a restart, what the last run left on the screen becomes the answer: queue notices
+and a cut-off partial answer are edited into their answers, and an answer that was already
+visibly complete is not sent again (the real PTB client against the fake Bot API)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from sqlalchemy import update
+
+from tests.fakes.telegram_harness import running_bot, telegram_settings
+from tests.fakes.telegram_server import FakeTelegram
+from tests.scripted_engine import ScriptedEngine
+from yanray.bot.settings import Settings
+from yanray.storage import Request
+
+GROUP = -100500
+USERS = (1001, 1002, 1003)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTelegram]:
+    async with FakeTelegram() as server:
+        yield server
+
+
+def answer_for(messages) -> str:
+    return f"Answer to: {messages[-1].content}"
+
+
+async def test_notices_and_a_partial_answer_become_the_answers_after_a_restart(
+    fake: FakeTelegram, make_settings: Callable[..., Settings]
+) -> None:
+    settings = telegram_settings(fake, make_settings(tools=[]))
+    slow = ScriptedEngine(responder=lambda m: "a slow answer that is cut off by the stop " * 20, delay=0.05)
+    async with running_bot(fake, settings, slow):
+        for user in USERS:
+            fake.group_text(GROUP, user, f"@yanray_bot question from {user}")
+        # two notices are up, and the first answer is partly shown
+        await fake.wait_for(lambda: sum(t.startswith("⏳") for t in fake.messages(GROUP)) == 2)
+        await fake.wait_for(lambda: any(t.startswith("a slow answer") for t in fake.messages(GROUP)))
+    before = len(fake.calls_of("sendMessage", GROUP))
+    assert len(fake.messages(GROUP)) == 3
+
+    async with running_bot(fake, settings, ScriptedEngine(responder=answer_for)) as bot:
+        await fake.wait_for(lambda: all(t.startswith("Answer to:") for t in fake.messages(GROUP)))
+        await fake.wait_for(lambda: bot.core.queue.running is None and not len(bot.core.queue))
+        assert await bot.statuses() == {"done": 3}
+    assert sorted(fake.messages(GROUP)) == [f"Answer to: question from {u}" for u in USERS]
+    assert len(fake.calls_of("sendMessage", GROUP)) == before  # edited in place, none added
+
+
+async def test_a_visibly_complete_answer_is_not_sent_again(
+    fake: FakeTelegram, make_settings: Callable[..., Settings]
+) -> None:
+    settings = telegram_settings(fake, make_settings(tools=[]))
+    async with running_bot(fake, settings, ScriptedEngine(["The whole answer."])) as bot:
+        fake.group_text(GROUP, USERS[0], "@yanray_bot question")
+        await fake.wait_for(lambda: fake.messages(GROUP) == ["The whole answer."])
+        await fake.wait_for(lambda: bot.core.queue.running is None and not bot.core.worker.deliveries)
+        # as if the process died after Telegram took the final text, before `delivered` was stored
+        async with bot.core.db.transaction() as session:
+            await session.execute(update(Request).values(delivered=False))
+    writes = len(fake.calls_of("sendMessage")) + len(fake.calls_of("editMessageText"))
+    engine = ScriptedEngine(["never generated"])
+    async with running_bot(fake, settings, engine) as bot:
+        await fake.wait_for(lambda: bot.core.queue.running is None and not bot.core.worker.deliveries)
+        async with bot.core.db.transaction() as session:
+            request = await session.get(Request, 1)
+            assert request is not None and request.delivered
+    assert engine.prompts == []
+    assert fake.messages(GROUP) == ["The whole answer."]
+    assert len(fake.calls_of("sendMessage")) + len(fake.calls_of("editMessageText")) == writes
+
+
+async def test_an_undelivered_answer_replaces_its_notice(
+    fake: FakeTelegram, make_settings: Callable[..., Settings]
+) -> None:
+    settings = telegram_settings(fake, make_settings(tools=[]))
+    engine = ScriptedEngine(responder=lambda m: answer_for(m) + " and more" * 30, delay=0.02)
+    async with running_bot(fake, settings, engine) as bot:
+        fake.group_text(GROUP, USERS[0], "@yanray_bot first")
+        fake.group_text(GROUP, USERS[1], "@yanray_bot second")
+        await fake.wait_for(lambda: any(t.startswith("⏳") for t in fake.messages(GROUP)))
+        # Telegram fails every write from now on: the answers stay stored, undelivered
+        for method in ("sendMessage", "editMessageText"):
+            fake.fail(method, "server", times=10_000, chat_id=GROUP)
+        await fake.wait_for(lambda: len(engine.prompts) == 2)
+        await fake.wait_for(lambda: bot.core.queue.running is None and not bot.core.worker.deliveries)
+        assert await bot.statuses() == {"done": 2}
+    fake._faults.clear()
+    notices = len(fake.messages(GROUP))
+    assert any(t.startswith("⏳") for t in fake.messages(GROUP))
+    async with running_bot(fake, settings, ScriptedEngine(["unused"])) as bot:
+        await fake.wait_for(lambda: all(t.startswith("Answer to:") for t in fake.messages(GROUP)))
+        await fake.wait_for(lambda: not bot.core.worker.deliveries)
+    assert len(fake.messages(GROUP)) == notices
