@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev
+if [ ! -f tests/fixtures/chatglm3/tokenizer.model ]; then
+  echo "tests/fixtures/chatglm3 is missing: the model tests cannot run" >&2
+  exit 1
+fi
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check .
 ruff format --check .

@@ -1,7 +1,7 @@
 """Builders for model folders shaped like real releases, for tests and benchmarks.
 
-- `fixtures_dir()`: the shared ChatGLM3 golden fixtures (`../shared/fixtures/chatglm3`, or
-  `$YANRAY_FIXTURES`); tests skip with a clear reason when they are not there.
+- `fixtures_dir()`: the ChatGLM3 golden fixtures in `tests/fixtures/chatglm3` (or
+  `$YANRAY_FIXTURES`); a test that needs them fails when they are not there.
 - `release_folder(name, dst, fmt=..., shards=...)`: a fixture checkpoint (`tiny-6b`,
   `tiny-32k`) as a ChatGLM3 release folder: config.json, tokenizer.model and the weights
   re-saved as `model-0000N-of-0000M.safetensors` or `pytorch_model-0000N-of-0000M.bin`
@@ -37,17 +37,14 @@ VOCAB = 65024
 
 
 def fixtures_dir() -> Path:
+    """The ChatGLM3 fixtures: kept in the repository, so a clone tests itself. Missing
+    fixtures fail the test (a silent skip would hide every model test)."""
     candidates = [Path(os.environ["YANRAY_FIXTURES"])] if os.environ.get("YANRAY_FIXTURES") else []
-    candidates += [
-        REPO.parent / "shared" / "fixtures" / "chatglm3",
-        REPO / "shared" / "fixtures" / "chatglm3",
-    ]
+    candidates.append(REPO / "tests" / "fixtures" / "chatglm3")
     for path in candidates:
         if (path / "tokenizer.model").is_file():
             return path
-    pytest.skip(
-        f"ChatGLM3 fixtures not found (looked in {', '.join(map(str, candidates))}; set YANRAY_FIXTURES)"
-    )
+    pytest.fail(f"ChatGLM3 fixtures not found (looked in {', '.join(map(str, candidates))})")
 
 
 def write_shards(
