@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from yanray.bot.app import Core
-from yanray.bot.errors import AdapterFailed, ConfigError, EngineError, StorageError
+from yanray.bot.errors import AdapterFailed, ConfigError, EngineError, StorageError, YanrayError
 from yanray.bot.settings import Settings, load_settings
 from yanray.bot.types import Adapter
 from yanray.engine.base import Engine
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"yanray: bad setting: {exc}", file=sys.stderr)
         return 2
-    except (EngineError, StorageError, AdapterFailed) as exc:
+    except (EngineError, StorageError, YanrayError) as exc:
         print(f"yanray: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
