@@ -155,7 +155,9 @@ class DiscordAdapter:
         if self._stopping or task.cancelled():
             return
         exc = task.exception()
-        reason = f"Discord: the connection ended for good ({exc!r})" if exc else "Discord: the connection closed"
+        reason = (
+            f"Discord: the connection ended for good ({exc!r})" if exc else "Discord: the connection closed"
+        )
         logger.error("%s", reason)
         if self.on_fatal is not None:
             self.on_fatal(reason)

@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -48,7 +48,7 @@ from yanray.adapters.telegram_stream import retry_seconds
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Handle = Callable[[Update], Awaitable[None]]
+Handle = Callable[[Update], Coroutine[Any, Any, None]]
 POLL_TIMEOUT = 30  # seconds Telegram holds a getUpdates open while there is nothing new
 READ_SLACK = 10.0  # extra seconds to read the answer of a long poll before calling it lost
 BATCH = 100  # updates per getUpdates, Telegram's maximum
@@ -122,7 +122,7 @@ class UpdatePoller:
                 await self._task  # _ended has already reported a failure
         try:
             if self.offset > self._asked:
-                await self._get_updates(self.offset, timeout=0, limit=1)
+                await self._get_updates(self.offset, wait=0, limit=1)
         except TelegramError as exc:
             logger.warning(
                 "Telegram: could not confirm the last updates (%s); they will be delivered again", exc
@@ -225,18 +225,18 @@ class UpdatePoller:
         first, cap = self.backoff
         return min(cap, first * 2 ** (failures - 1))
 
-    async def _get_updates(self, offset: int, timeout: int, limit: int) -> Any:
+    async def _get_updates(self, offset: int, wait: int, limit: int) -> Any:
         # parameters in the query: PTB's public request API takes no other form of them here
         query = urlencode(
             {
                 "offset": offset,
                 "limit": limit,
-                "timeout": timeout,
+                "timeout": wait,
                 "allowed_updates": json.dumps(self.allowed_updates),
             }
         )
         return await self._request.post(
-            f"{self.bot.base_url}/getUpdates?{query}", read_timeout=timeout + READ_SLACK
+            f"{self.bot.base_url}/getUpdates?{query}", read_timeout=wait + READ_SLACK
         )
 
     async def _unless_stopped(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from yanray.bot.app import Core
 from yanray.bot.errors import AdapterFailed, ConfigError, EngineError, StorageError, YanrayError
@@ -157,7 +158,8 @@ async def run(settings: Settings) -> None:
                     "Yanray is running (%s); Ctrl-C stops it", ", ".join(a.platform for a in adapters)
                 )
                 stopped = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+                waiting: set[asyncio.Future[Any]] = {stopped, failed}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 stopped.cancel()
                 logger.info("stopping: no new messages are taken; a running answer resumes at the next start")
             finally:
