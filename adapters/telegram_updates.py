@@ -152,6 +152,8 @@ class UpdatePoller:
                 if uid is None:
                     self._note_idless(raw)
                     continue
+                if uid < before:
+                    continue  # handled already; Telegram itself never sends it again
                 self.offset = max(self.offset, uid + 1)
                 update = read_update(raw, self.bot)
                 if update is not None:
