@@ -23,7 +23,11 @@ Choices where the design is silent:
 - After a restart, a recovered request's answer edits the earlier, partial reply to the
   same message when it can be found in the channel history, so a user sees one answer.
 
-Connecting (the discord.py client, intents, the REST and gateway URLs) is `discord_client`.
+Connecting (the discord.py client, intents, the REST and gateway URLs) is `discord_client`;
+it also skips (and logs once) a gateway event discord.py cannot parse, so the connection
+stays up. If the client ends anyway while running (a close Discord does not let it
+resume from, such as a revoked token), `on_fatal` gets one line and `yanray run` stops.
+A message whose handling fails gets a one-line apology.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from yanray.bot.types import Incoming, Route
 logger = logging.getLogger(__name__)
 
 REFUSAL = "Sorry, I can't answer here: my owner has limited me to certain servers, channels or roles."
+APOLOGY = "Sorry, something went wrong on my side. Please try again."
 NON_TEXT = "I can only read text for now. Please type your question (I can't see attachments or stickers)."
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 _REMEMBERED = 1000  # answers kept so an edit of their question can regenerate them
@@ -64,9 +69,13 @@ class DiscordAdapter:
         ready_timeout: float = 60.0,
         guild_ready_timeout: float = 2.0,
         retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
+        #: told (one line) when the connection ends for good while running
+        self.on_fatal = on_fatal
+        self._stopping = False
         self.ready = asyncio.Event()
         self._ready_timeout = ready_timeout
         self._guild_ready_timeout = guild_ready_timeout
@@ -100,6 +109,7 @@ class DiscordAdapter:
             raise ConfigError("YANRAY_DISCORD_TOKEN is not set; the Discord adapter cannot start")
         if self._restore_urls is None:
             self._restore_urls = point_urls(self.settings)
+        self._stopping = False
         self._client = YanrayClient(self, guild_ready_timeout=self._guild_ready_timeout)
         self._task = asyncio.create_task(self._run(self._client, token), name="discord-client")
         ready = asyncio.create_task(self.ready.wait())
@@ -121,6 +131,7 @@ class DiscordAdapter:
     async def stop(self) -> None:
         """Stop taking messages and close the gateway and HTTP session."""
         client, task = self._client, self._task
+        self._stopping = True
         self.ready.clear()
         for pending in list(self._tasks):
             pending.cancel()
@@ -139,8 +150,17 @@ class DiscordAdapter:
         self.ready.set()
 
     def _client_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("Discord: the connection ended for good: %r", task.exception())
+        """The client's task ended: expected while stopping, otherwise Discord is gone for good
+        (discord.py reconnects by itself after network faults; what ends it cannot be retried)."""
+        if self._stopping or task.cancelled():
+            return
+        exc = task.exception()
+        reason = (
+            f"Discord: the connection ended for good ({exc!r})" if exc else "Discord: the connection closed"
+        )
+        logger.error("%s", reason)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     async def _wait_ready(self) -> None:
         await asyncio.wait_for(self.ready.wait(), timeout=self._ready_timeout)
@@ -190,7 +210,11 @@ class DiscordAdapter:
             await out.send(NON_TEXT)
             return
         self._remember(message.id, out)
-        await self.dispatcher.handle(incoming, out)
+        try:
+            await self.dispatcher.handle(incoming, out)
+        except Exception:
+            logger.exception("Discord: message %s could not be handled", message.id)
+            await out.send(APOLOGY)
 
     async def on_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         if payload.data.get("edited_timestamp") is None:

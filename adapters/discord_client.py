@@ -13,6 +13,14 @@ runs one Discord client at a time (Yanray runs one). With a custom gateway (a ga
 proxy, or the tests' fake), the `resume_gateway_url` READY hands out is replaced by it,
 so the client also resumes through the proxy and never talks to Discord's hosts itself.
 
+Gateway events: discord.py parses each event inside its gateway reader, so an event it
+cannot parse (a MESSAGE_CREATE without `author`) raised out of `Client.start` and ended
+the connection for good. `guard_parsers` wraps every parser of the client's connection
+state: the event's strings are repaired first (`payloads.clean_strings`: a lone surrogate
+would fail later, in the database), and an event that still fails is logged once,
+shortened, and skipped while the connection stays up. discord.py offers no public hook
+for this; the parsers live in `ConnectionState.parsers`, the dict the gateway reads.
+
 Intents: guilds, guild messages and DMs; message content (privileged) only with
 `YANRAY_DISCORD_MESSAGE_CONTENT=true`. Without it Discord still sends the text of DMs and
 of messages that mention the bot.
@@ -31,6 +39,7 @@ from discord.gateway import DiscordWebSocket
 
 from yanray.adapters.discord_commands import install
 from yanray.adapters.discord_sinks import NO_PINGS
+from yanray.adapters.payloads import clean_strings, shorten
 from yanray.bot.errors import ConfigError, YanrayError
 from yanray.bot.settings import Settings
 
@@ -66,6 +75,7 @@ class YanrayClient(discord.Client):
         )
         self.handlers = handlers
         self.tree: app_commands.CommandTree[Any] = app_commands.CommandTree(self)
+        guard_parsers(self._connection.parsers)
 
     async def setup_hook(self) -> None:
         await install(self.tree, self.handlers.on_slash, self.handlers.settings.discord_guild_id)
@@ -88,6 +98,28 @@ class YanrayClient(discord.Client):
 
     async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
         logger.exception("Discord: handling %s failed", event_method)
+
+
+def guard_parsers(parsers: dict[str, Callable[[Any], None]]) -> None:
+    """Make each gateway event parser repair the event's text and skip an event it cannot parse."""
+    for event, parse in list(parsers.items()):
+        parsers[event] = _guarded(event, parse)
+
+
+def _guarded(event: str, parse: Callable[[Any], None]) -> Callable[[Any], None]:
+    def parse_or_skip(data: Any) -> None:
+        try:
+            parse(clean_strings(data))
+        except Exception as exc:
+            logger.warning(
+                "Discord: skipped a %s event that could not be read (%s: %s): %s",
+                event,
+                type(exc).__name__,
+                exc,
+                shorten(data),
+            )
+
+    return parse_or_skip
 
 
 def intents_for(settings: Settings) -> discord.Intents:

@@ -1,12 +1,16 @@
 """The Telegram adapter: python-telegram-bot v22 in front of Yanray's dispatcher.
 
 `TelegramAdapter(settings=..., dispatcher=...)`, then `await start()` (returns once
-polling or the webhook runs, in the current event loop: `Application.initialize/start`
-and `updater.start_polling`, never `run_polling`, which would own the loop) and
-`await stop()`. `YANRAY_TELEGRAM_BASE_URL` points PTB at a self-hosted Bot API server
-(or the tests' fake); with `YANRAY_TELEGRAM_WEBHOOK_URL` set, updates come by webhook
-on `YANRAY_TELEGRAM_WEBHOOK_LISTEN`:`_PORT`, at the URL's path, checked with
-`YANRAY_TELEGRAM_WEBHOOK_SECRET`.
+updates flow, in the current event loop: `Application.initialize/start`, never
+`run_polling`, which would own the loop) and `await stop()`. `YANRAY_TELEGRAM_BASE_URL`
+points PTB at a self-hosted Bot API server (or the tests' fake). PTB's `Application` and
+`Bot` do everything except fetching updates: that is `telegram_updates.UpdatePoller`
+(long polling), or with `YANRAY_TELEGRAM_WEBHOOK_URL` set `telegram_webhook.WebhookServer`
+(on `YANRAY_TELEGRAM_WEBHOOK_LISTEN`:`_PORT`, at the URL's path, checked with
+`YANRAY_TELEGRAM_WEBHOOK_SECRET`). Both parse each update on their own, so one malformed
+update is skipped instead of stalling the bot, and confirm an update to Telegram only
+after its handler returned, that is after the question it carries was stored. A token
+Telegram stops accepting while running is reported to `on_fatal` (`yanray run` stops).
 
 Who it answers: every message in a private chat; in a group an @mention of the bot (by
 entity: `mention` of @botname or `text_mention` of the bot's id), a reply to one of its
@@ -15,8 +19,9 @@ A caption counts as text; photos, stickers, voice and files without one get a sh
 note. Access control, commands and the queue are the dispatcher's (`yanray.bot`);
 this module only builds `Incoming` and `TelegramReply` values (`telegram_stream`).
 
-Updates are handled concurrently across chats but in order within a chat (a per-chat
-lock in the update processor), so one slow chat never holds up the others.
+The updates of a batch are handled concurrently across chats but in order within a chat
+(a per-chat lock in the update processor); the next batch waits until the whole batch
+is handled, which is short: a handler stores the question and at most sends a notice.
 Edits of a user's message go to `dispatcher.handle_edit` with a stream that takes over
 the bot's earlier reply, so that reply is edited to the new answer (after a restart the
 link is gone and the new answer comes as a new message). A chat that blocked the bot is
@@ -30,9 +35,8 @@ import dataclasses
 import logging
 import re
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from telegram import Bot, BotCommand, Message, MessageEntity, Update
 from telegram.constants import ChatMemberStatus, ChatType
@@ -40,6 +44,8 @@ from telegram.error import TelegramError
 from telegram.ext import Application, BaseUpdateProcessor, ContextTypes, MessageHandler, filters
 
 from yanray.adapters.telegram_stream import StreamContext, TelegramReply
+from yanray.adapters.telegram_updates import POLL_TIMEOUT, UpdatePoller
+from yanray.adapters.telegram_webhook import WebhookServer
 from yanray.bot.dispatcher import COMMANDS, Dispatcher
 from yanray.bot.errors import ConfigError
 from yanray.bot.settings import Settings
@@ -115,10 +121,18 @@ class TelegramAdapter:
         dispatcher: Dispatcher,
         draft_interval: float = 1.0,
         retry_base: float = 0.5,
+        on_fatal: Callable[[str], None] | None = None,
+        poll_timeout: int = POLL_TIMEOUT,
+        backoff: tuple[float, float] = (0.5, 30.0),
     ) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
+        #: told (one line) when the adapter cannot go on, e.g. the token was revoked
+        self.on_fatal = on_fatal
+        self._poll_timeout = poll_timeout
+        self._backoff = backoff
         self.app: Application[Any, Any, Any, Any, Any, Any] | None = None
+        self._source: UpdatePoller | WebhookServer | None = None
         self.ctx = StreamContext(
             get_bot=self._bot,
             edit_interval=settings.telegram_edit_interval,
@@ -145,12 +159,33 @@ class TelegramAdapter:
             .base_url(base_url)
             .base_file_url(file_url)
             .concurrent_updates(PerChatProcessor(256))
+            .updater(None)  # updates come from telegram_updates / telegram_webhook (see there)
             .build()
         )
         app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
         app.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self._on_edit))
         app.add_error_handler(self._on_error)
         await app.initialize()  # getMe: a wrong token or base URL fails here
+        source: UpdatePoller | WebhookServer
+        if self.settings.telegram_webhook_url:
+            source = WebhookServer(
+                bot=app.bot,
+                handle=self._process,
+                url=self.settings.telegram_webhook_url,
+                listen=self.settings.telegram_webhook_listen,
+                port=self.settings.telegram_webhook_port,
+                secret=self.settings.secret("telegram_webhook_secret") or "",
+                allowed_updates=UPDATES,
+            )
+        else:
+            source = UpdatePoller(
+                bot=app.bot,
+                handle=self._process,
+                allowed_updates=UPDATES,
+                on_fatal=self._fatal,
+                poll_timeout=self._poll_timeout,
+                backoff=self._backoff,
+            )
         try:
             try:
                 await app.bot.set_my_commands([BotCommand(name, about) for name, about in COMMANDS])
@@ -158,19 +193,8 @@ class TelegramAdapter:
                 logger.warning("could not register the command menu: %s", exc)
             await app.start()
             self.app, self.ctx.running = app, True
-            assert app.updater is not None
-            if self.settings.telegram_webhook_url:
-                url = self.settings.telegram_webhook_url
-                await app.updater.start_webhook(
-                    listen=self.settings.telegram_webhook_listen,
-                    port=self.settings.telegram_webhook_port,
-                    url_path=urlsplit(url).path.lstrip("/"),
-                    webhook_url=url,
-                    secret_token=self.settings.secret("telegram_webhook_secret"),
-                    allowed_updates=UPDATES,
-                )
-            else:
-                await app.updater.start_polling(allowed_updates=UPDATES)
+            await source.start()
+            self._source = source
         except BaseException:
             self.app, self.ctx.running = None, False
             if app.running:
@@ -184,18 +208,31 @@ class TelegramAdapter:
         )
 
     async def stop(self) -> None:
-        """Stop taking updates, let handlers finish, close the HTTP client."""
-        app = self.app
+        """Stop taking updates, let handlers finish (and confirm their updates), close the client."""
+        app, source = self.app, self._source
         if app is None:
             return
-        if app.updater is not None and app.updater.running:
-            await app.updater.stop()
+        self._source = None
+        if source is not None:
+            await source.stop()
         if app.running:
-            await app.stop()  # waits for handlers still running; they may still answer
+            await app.stop()
         self.app, self.ctx.running = None, False
         for stream in list(self.ctx.live):
             stream.abort()
         await app.shutdown()
+
+    async def _process(self, update: Update) -> None:
+        """One parsed update through PTB's handlers, behind the per-chat processor."""
+        app = self.app
+        if app is None:
+            raise RuntimeError("the Telegram adapter is not running")
+        await app.update_processor.process_update(update, app.process_update(update))
+
+    def _fatal(self, reason: str) -> None:
+        logger.error("%s", reason)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     def reopen(self, route: Route) -> TelegramReply:
         return TelegramReply(

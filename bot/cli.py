@@ -3,7 +3,8 @@
 Everything is built here once and passed in (settings, engine, core, adapters).
 Logging is configured here, to standard error; standard output carries only the
 conversation. A bad setting or an engine that cannot start ends the program with one
-line on standard error and exit status 2 (settings) or 1 (engine), no traceback.
+line on standard error and exit status 2 (settings) or 1 (engine), no traceback; so does
+an adapter that loses its platform for good while `yanray run` runs (exit status 1).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from yanray.bot.app import Core
-from yanray.bot.errors import ConfigError, EngineError, StorageError
+from yanray.bot.errors import AdapterFailed, ConfigError, EngineError, StorageError, YanrayError
 from yanray.bot.settings import Settings, load_settings
 from yanray.bot.types import Adapter
 from yanray.engine.base import Engine
@@ -110,16 +113,18 @@ async def chat(settings: Settings) -> None:
         await engine.aclose()
 
 
-def platform_adapters(settings: Settings, core: Core) -> list[Adapter]:
+def platform_adapters(
+    settings: Settings, core: Core, on_fatal: Callable[[str], None] | None = None
+) -> list[Adapter]:
     adapters: list[Adapter] = []
     if settings.telegram_token is not None:
         from yanray.adapters.telegram import TelegramAdapter
 
-        adapters.append(TelegramAdapter(settings=settings, dispatcher=core.dispatcher))
+        adapters.append(TelegramAdapter(settings=settings, dispatcher=core.dispatcher, on_fatal=on_fatal))
     if settings.discord_token is not None:
         from yanray.adapters.discord import DiscordAdapter
 
-        adapters.append(DiscordAdapter(settings=settings, dispatcher=core.dispatcher))
+        adapters.append(DiscordAdapter(settings=settings, dispatcher=core.dispatcher, on_fatal=on_fatal))
     return adapters
 
 
@@ -130,10 +135,18 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # an adapter that can no longer reach its platform stops the process, rather than leave
+    # it running and answering nobody (a supervisor can restart it)
+    failed: asyncio.Future[str] = loop.create_future()
+
+    def adapter_failed(reason: str) -> None:
+        if not failed.done():
+            failed.set_result(reason)
+
     engine = await build_engine(settings)
     try:
         async with await Core.open(settings, engine) as core:
-            adapters = platform_adapters(settings, core)
+            adapters = platform_adapters(settings, core, adapter_failed)
             for adapter in adapters:
                 core.add_adapter(adapter)
             started: list[Adapter] = []
@@ -145,13 +158,18 @@ async def run(settings: Settings) -> None:
                 logger.info(
                     "Yanray is running (%s); Ctrl-C stops it", ", ".join(a.platform for a in adapters)
                 )
-                await stop.wait()
+                stopped = asyncio.ensure_future(stop.wait())
+                waiting: set[asyncio.Future[Any]] = {stopped, failed}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
                 logger.info("stopping: no new messages are taken; a running answer resumes at the next start")
             finally:
                 for adapter in reversed(started):
                     await adapter.stop()
     finally:
         await engine.aclose()
+    if failed.done():
+        raise AdapterFailed(failed.result())
 
 
 def quantize(src: Path, dst: Path) -> None:
@@ -183,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"yanray: bad setting: {exc}", file=sys.stderr)
         return 2
-    except (EngineError, StorageError) as exc:
+    except (EngineError, StorageError, YanrayError) as exc:
         print(f"yanray: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from yanray.engine.base import EngineError, EngineUnavailable
 from yanray.storage.db import StorageError
 
 __all__ = [
+    "AdapterFailed",
     "ConfigError",
     "ContextTooLong",
     "EngineError",
@@ -29,6 +30,10 @@ class YanrayError(Exception):
 
 class ConfigError(YanrayError):
     """A setting is wrong; start-up stops with this one line."""
+
+
+class AdapterFailed(YanrayError):
+    """A platform adapter lost its platform for good while running; `yanray run` stops."""
 
 
 class ContextTooLong(YanrayError):

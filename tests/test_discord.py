@@ -8,6 +8,7 @@ create/edit time, and every REST body (allowed_mentions) the bot sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +17,10 @@ import pytest
 
 from tests.fakes.discord_server import FakeDiscord
 from tests.scripted_engine import ScriptedEngine
-from yanray.adapters.discord import REFUSAL, DiscordAdapter
+from yanray.adapters.discord import APOLOGY, REFUSAL, DiscordAdapter
 from yanray.adapters.split import join_parts
 from yanray.bot.app import Core
-from yanray.bot.types import Adapter, ReplyStream
+from yanray.bot.types import Adapter, Incoming, ReplyStream
 
 pytestmark = pytest.mark.asyncio
 
@@ -408,3 +409,58 @@ async def test_edit_while_answering_replaces_the_answer(make_bot, fake: FakeDisc
     await fake.wait_for(lambda: fake.replies_to(mid)[0].content == "The new answer.")
     await bot.settle()
     assert [m.content for m in fake.replies_to(mid)] == ["The new answer."]
+
+
+async def test_a_message_without_author_is_skipped_and_the_connection_stays(
+    make_bot, fake: FakeDiscord, caplog
+) -> None:
+    bot = await make_bot(["Still connected."])
+    bad = fake.message_payload(fake.channel_id, fake.alice, f"<@{fake.bot_id}> hi", mentions=[fake.bot])
+    del bad["author"]
+    await fake.dispatch("MESSAGE_CREATE", bad)
+    mid = await bot.ask("are you there?")
+    assert await bot.answer(mid) == "Still connected."
+    assert len(fake.identifies) == 1 and fake.resumes == 0, "the same connection answered"
+    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "MESSAGE_CREATE" in skipped[0].getMessage()
+
+
+async def test_a_lone_surrogate_gets_a_reply(make_bot, fake: FakeDiscord) -> None:
+    bot = await make_bot(["Got it."])
+    mid = await bot.ask("broken \ud800 text")
+    assert await bot.answer(mid) == "Got it."
+    assert bot.engine.prompts[0][-1].content == "broken \ufffd text"
+
+
+async def test_a_connection_that_ends_for_good_is_reported_once(
+    fake: FakeDiscord, make_settings, core_factory
+) -> None:
+    settings = make_settings(
+        discord_token=fake.token, discord_api_base=fake.api_base, discord_gateway_url=fake.gateway_url
+    )
+    core = await core_factory(settings, ScriptedEngine(), start=False)
+    reasons: list[str] = []
+    adapter = DiscordAdapter(
+        settings=settings, dispatcher=core.dispatcher, guild_ready_timeout=0.01, on_fatal=reasons.append
+    )
+    await adapter.start()
+    try:
+        await fake.drop_gateway(4004)  # Authentication failed: discord.py does not reconnect
+        await fake.wait_for(lambda: reasons)
+    finally:
+        await adapter.stop()
+    assert len(reasons) == 1 and reasons[0].startswith("Discord: the connection ended for good")
+
+
+async def test_a_failing_message_gets_an_apology(make_bot, fake: FakeDiscord, caplog) -> None:
+    bot = await make_bot()
+
+    async def broken(incoming: Incoming, out: ReplyStream) -> None:
+        raise RuntimeError("a bug")
+
+    bot.adapter.dispatcher.handle = broken  # type: ignore[method-assign]
+    mid = await bot.ask("hello")
+    await fake.wait_for(lambda: fake.replies_to(mid))
+    assert [m.content for m in fake.replies_to(mid)] == [APOLOGY]
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("yanray")]
+    assert len(logged) == 1 and "a bug" in str(logged[0].exc_info[1] if logged[0].exc_info else "")

@@ -17,7 +17,7 @@ discord.py decompresses only binary frames): HELLO, heartbeat ACKs, READY (guild
 unavailable) followed by a full GUILD_CREATE after IDENTIFY, RESUMED plus a replay of the
 events the client missed after RESUME. Tests push events with `user_message`,
 `edit_user_message`, `slash` and `dispatch`, and `drop_gateway()` closes the socket so the
-client resumes.
+client resumes (`drop_gateway(4004)`: so that it cannot).
 
 REST answers carry `Content-Type: application/json` exactly (with a charset discord.py
 reads the body as text). Every REST call is recorded in `calls` (method, path, query,
@@ -231,10 +231,11 @@ class FakeDiscord(DiscordWorld):
         await self.dispatch("INTERACTION_CREATE", data)
         return str(data["id"])
 
-    async def drop_gateway(self) -> None:
-        """Close the gateway socket as a network fault would; the client resumes."""
+    async def drop_gateway(self, code: int = 4000) -> None:
+        """Close the gateway socket as a network fault would (4000: the client resumes), or with
+        a code Discord gives no way back from (4004 Authentication failed)."""
         if self._ws is not None:
-            await self._ws.close(code=4000, message=b"fake drop")
+            await self._ws.close(code=code, message=b"fake drop")
 
     # -- REST ----------------------------------------------------------------------------
 

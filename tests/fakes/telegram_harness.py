@@ -54,10 +54,16 @@ async def running_bot(
     *,
     draft_interval: float = 0.05,
     retry_base: float = 0.02,
+    **adapter_options: Any,
 ) -> AsyncIterator[RunningBot]:
+    adapter_options.setdefault("backoff", (0.02, 0.2))
     core = await Core.open(settings, engine)
     adapter = TelegramAdapter(
-        settings=settings, dispatcher=core.dispatcher, draft_interval=draft_interval, retry_base=retry_base
+        settings=settings,
+        dispatcher=core.dispatcher,
+        draft_interval=draft_interval,
+        retry_base=retry_base,
+        **adapter_options,
     )
     core.add_adapter(adapter)
     try:

@@ -22,6 +22,13 @@ UTF-16 units is "message is too long", an edit to the same content is "message i
 modified", an empty text is "message text is empty". Users' messages get entities as
 Telegram makes them (`@name` mentions, a leading `/command[@bot]`), in UTF-16 offsets.
 
+Updates are kept until confirmed, as Telegram does: a `getUpdates` with `offset` N drops
+every update below N (and only then); `confirm_listeners` are called with the ids it
+dropped, at the moment that call arrives (a test can kill the bot there), and `polls`
+records the offset of every `getUpdates`. `raw_update(payload)` queues any JSON, for
+updates PTB cannot parse (`with_id=False` leaves out `update_id`; the fake still knows
+the update's place, as Telegram would).
+
 Faults: `fail(method, kind, times=1)` answers the next matching calls with `flood`
 (429 with `parameters.retry_after`), `parse`, `not_modified`, `blocked` (403), `server`
 (500), `bad_gateway` (502) or `bad_request` (a 400 nothing can fix); `block(chat_id)` makes every write to that chat 403.
@@ -192,7 +199,11 @@ class FakeTelegram:
         self.drafts: list[Draft] = []
         self.commands: list[dict[str, str]] = []
         self.webhook_url = ""
-        self.updates: list[dict[str, Any]] = []
+        self.updates: list[tuple[int, Any]] = []  # (update_id, what getUpdates returns)
+        #: the offset of each getUpdates call, in order
+        self.polls: list[int] = []
+        #: called with the update ids a getUpdates confirmed, when that call arrives
+        self.confirm_listeners: list[Callable[[list[int]], None]] = []
         self.user_messages: dict[tuple[int, int], dict[str, Any]] = {}
         self.blocked: set[int] = set()
         #: (chat id, user id) of group administrators, for getChatMember
@@ -288,10 +299,21 @@ class FakeTelegram:
             "username": f"user{user_id}",
         }
 
-    def _push(self, update: dict[str, Any]) -> None:
+    def _push(self, update: dict[str, Any]) -> int:
         update["update_id"] = next(self._update_ids)
-        self.updates.append(update)
+        self.updates.append((update["update_id"], update))
         self._wakeup.set()
+        return int(update["update_id"])
+
+    def raw_update(self, payload: Any, *, with_id: bool = True) -> int:
+        """Queue `payload` as it is (any JSON), with the next update_id unless `with_id` is False;
+        returns the id the update has on the fake's side."""
+        if with_id and isinstance(payload, dict):
+            return self._push(payload)
+        uid = next(self._update_ids)
+        self.updates.append((uid, payload))
+        self._wakeup.set()
+        return uid
 
     def user_message(
         self,
@@ -493,8 +515,12 @@ class FakeTelegram:
         offset = int(params.get("offset") or 0)
         limit = int(params.get("limit") or 100)
         timeout = float(params.get("timeout") or 0)
-        if offset:
-            self.updates = [u for u in self.updates if u["update_id"] >= offset]
+        self.polls.append(offset)
+        confirmed = [uid for uid, _ in self.updates if uid < offset] if offset else []
+        if confirmed:
+            self.updates = [(uid, u) for uid, u in self.updates if uid >= offset]
+            for listener in self.confirm_listeners:
+                listener(confirmed)
         deadline = time.monotonic() + timeout
         while not self.updates and not self._closing and time.monotonic() < deadline:
             self._wakeup.clear()
@@ -502,7 +528,7 @@ class FakeTelegram:
                 await asyncio.wait_for(self._wakeup.wait(), deadline - time.monotonic())
             except TimeoutError:
                 break
-        return self.updates[:limit]
+        return [u for _, u in self.updates[:limit]]
 
     def _check_text(self, params: dict[str, Any]) -> tuple[str, str | None, str]:
         text = str(params.get("text") or "")
