@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
@@ -94,6 +95,8 @@ class ConsoleAdapter:
         self.user = user
         self.interactive = self.stdin.isatty() and self.stdout.isatty()
         self._count = 0
+        # message ids unique across runs: the core ignores a message id it already stored
+        self._run = f"{time.time_ns():x}"
 
     def reopen(self, route: Route) -> ReplyStream:
         return ConsoleStream(self.stdout, streaming=self.interactive)
@@ -132,7 +135,7 @@ class ConsoleAdapter:
                 user_id=self.user,
                 display_name=self.user,
                 text=text,
-                message_id=str(self._count),
+                message_id=f"{self._run}-{self._count}",
                 route=self._route(),
             )
             await self.dispatcher.handle(incoming, stream)

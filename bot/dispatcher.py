@@ -187,6 +187,13 @@ class Dispatcher:
         try:
             async with self.db.transaction() as session:
                 conversation, user = await self._get_conversation(session, incoming)
+                if incoming.message_id is not None and await crud.find_user_message(
+                    session=session, conversation_id=conversation.id, external_id=incoming.message_id
+                ):
+                    # the platform delivered it again (Telegram resends an update whose receipt
+                    # it never heard of, e.g. after a crash): it is stored, and answered once
+                    logger.info("message %s is already stored; not asked again", incoming.message_id)
+                    return
                 self.queue.reserve(conversation.id)
                 reserved = conversation.id
                 message = await crud.add_message(

@@ -55,7 +55,10 @@ class Conversation(Base):
 
 class Message(Base):
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_conversation_turn", "conversation_id", "turn", "id"),)
+    __table_args__ = (
+        Index("ix_messages_conversation_turn", "conversation_id", "turn", "id"),
+        Index("ix_messages_conversation_external", "conversation_id", "external_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))

@@ -96,3 +96,22 @@ async def test_an_undelivered_answer_replaces_its_notice(
         await fake.wait_for(lambda: all(t.startswith("Answer to:") for t in fake.messages(GROUP)))
         await fake.wait_for(lambda: not bot.core.worker.deliveries)
     assert len(fake.messages(GROUP)) == notices
+
+
+async def test_an_update_delivered_again_is_answered_once(
+    fake: FakeTelegram, make_settings: Callable[..., Settings]
+) -> None:
+    # Telegram resends an update whose receipt it never got (the process died after storing
+    # the question, before the next getUpdates confirmed it)
+    settings = telegram_settings(fake, make_settings(tools=[]))
+    engine = ScriptedEngine(responder=answer_for)
+    async with running_bot(fake, settings, engine) as bot:
+        mid = fake.private_text(USERS[0], "only once please")
+        await fake.wait_for(lambda: fake.messages(USERS[0]))
+        fake.raw_update({"message": dict(fake.user_messages[(USERS[0], mid)])})
+        fake.private_text(USERS[0], "and the next one")
+        await fake.wait_for(lambda: len(fake.messages(USERS[0])) == 2)
+        await fake.wait_for(lambda: bot.core.queue.running is None and not bot.core.worker.deliveries)
+        assert await bot.statuses() == {"done": 2}
+    assert fake.messages(USERS[0]) == ["Answer to: only once please", "Answer to: and the next one"]
+    assert len(engine.prompts) == 2
