@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAI, Reply
+from yanray.bot.toolloop import SlashCalls
 from yanray.engine.base import (
     ChatMessage,
     Engine,
@@ -23,13 +25,9 @@ SYSTEM = ChatMessage(role="system", content="You are Yanray. Tools: /calculate <
 ASK = ChatMessage(role="user", content="What is 6.5 times 7.5?")
 
 
-def calculate_line_end(text: str) -> int | None:
+def calculate_line_end() -> Callable[[str], int | None]:
     """The tool loop's stop condition: the end of a complete `/calculate ...` line."""
-    start = text.find("/calculate ")
-    if start == -1:
-        return None
-    end = text.find("\n", start)
-    return None if end == -1 else end + 1
+    return SlashCalls(["calculate"]).stop_at()
 
 
 def make_engine(fake: FakeOpenAI | None = None, *, base_url: str = "", timeout: float = 5.0) -> OpenAIEngine:
@@ -98,12 +96,12 @@ async def test_tool_round_stops_at_the_calculate_line_and_the_next_round_sees_th
         engine = make_engine(fake)
         session = await engine.start([SYSTEM, ASK])
         pieces: list[str] = []
-        round1 = await session.generate(GenerateOptions(stop_at=calculate_line_end), pieces.append)
+        round1 = await session.generate(GenerateOptions(stop_at=calculate_line_end()), pieces.append)
         assert round1.text == "Let me work it out.\n/calculate 6.5*7.5\n" == "".join(pieces)
         assert round1.finish == "stop"
         await wait_for(lambda: fake.disconnects == 1)  # the server was told to stop generating
         await session.append(ChatMessage(role="observation", content="48.75", name="calculate"))
-        round2 = await session.generate(GenerateOptions(stop_at=calculate_line_end))
+        round2 = await session.generate(GenerateOptions(stop_at=calculate_line_end()))
         await engine.aclose()
     assert round2.text == "6.5 × 7.5 = 48.75."
     assert fake.requests[1]["messages"][-2:] == [

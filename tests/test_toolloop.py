@@ -157,7 +157,11 @@ async def test_native_tool_call_is_answered_with_an_observation() -> None:
     )
     shown: list[str] = []
     loop = ToolLoop(tools={"count": counting_tool(handler)}, max_rounds=2)
-    result = await loop.run(session, options=GenerateOptions, on_visible=shown.append)  # type: ignore[arg-type]
+    result = await loop.run(
+        session,  # type: ignore[arg-type]
+        options=GenerateOptions,
+        on_visible=lambda visible: shown.append(visible()),
+    )
     assert handler.calls == [{"x": "a"}]
     assert session.appended == [ChatMessage("observation", "result 1", "count")]
     assert result.visible == "Let me count.\n\nThe count is 1."
