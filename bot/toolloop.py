@@ -194,7 +194,9 @@ class ToolLoop:
             def visible(streamed: _StreamedRound = streamed, before: str = before) -> str:
                 return before + streamed.visible()
 
-            def on_text(piece: str, streamed: _StreamedRound = streamed, visible: Callable[[], str] = visible) -> None:
+            def on_text(
+                piece: str, streamed: _StreamedRound = streamed, visible: Callable[[], str] = visible
+            ) -> None:
                 streamed.add(piece)
                 if on_visible is not None:
                     on_visible(visible)

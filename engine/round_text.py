@@ -26,7 +26,9 @@ from yanray.engine.base import FinishReason, GenerateOptions
 class RoundText:
     """The text of one round, cut at its stops; `ready()` gives what may be handed out now."""
 
-    def __init__(self, options: GenerateOptions, *, strip_end: bool = False, max_chars: int | None = None) -> None:
+    def __init__(
+        self, options: GenerateOptions, *, strip_end: bool = False, max_chars: int | None = None
+    ) -> None:
         self.stops = tuple(s for s in options.stop if s)
         self.stop_at = options.stop_at
         self.strip_end = strip_end
