@@ -115,12 +115,12 @@ class _Lines:
         count = len(self.states)
         self.block_first = list(range(count))
         self.block_last = list(range(count))
-        for line in range(1, count):
-            if self.states[line] is not None:
-                self.block_first[line] = self.block_first[line - 1]
-        for line in range(count - 2, -1, -1):
-            if self.states[line + 1] is not None:
-                self.block_last[line] = self.block_last[line + 1]
+        for at in range(1, count):
+            if self.states[at] is not None:
+                self.block_first[at] = self.block_first[at - 1]
+        for at in range(count - 2, -1, -1):
+            if self.states[at + 1] is not None:
+                self.block_last[at] = self.block_last[at + 1]
 
     def line_of(self, pos: int) -> int:
         return bisect.bisect_right(self.starts, pos) - 1

@@ -79,7 +79,7 @@ class SlashCalls:
     def __init__(self, names: Sequence[str]) -> None:
         alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
         # possessive, and on one line at a time: the argument's trailing blanks are stripped after
-        self._line = re.compile(rf"[ \t]*+/({alternatives})[ \t]++(\S[^\n]*+)")
+        self._line = re.compile(rf"^[ \t]*+/({alternatives})[ \t]++(\S[^\n]*+)")
 
     def parse(self, line: str) -> tuple[str, str] | None:
         """(tool name, argument) if `line` (without its newline) is a call line."""

@@ -36,7 +36,7 @@ MAX_NESTING = 32
 _NAME = re.compile(r"^[A-Za-z_][\w.\-]{0,63}$")
 # the opening fence line; the closing one is found by a scan from the end (a lazy body before
 # `[ \t]*```\s*$` would be quadratic in a run of spaces)
-_FENCE_OPEN = re.compile(r"\s*+```[\w+-]*+[ \t]*+\n")
+_FENCE_OPEN = re.compile(r"^\s*+```[\w+-]*+[ \t]*+\n")
 
 
 class ToolCallError(ValueError):

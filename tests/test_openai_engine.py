@@ -20,6 +20,7 @@ from yanray.engine.base import (
     GenerateOptions,
 )
 from yanray.engine.openai import OpenAIEngine, estimate_tokens
+from yanray.engine.openai_stream import MAX_CHARS_PER_TOKEN
 
 SYSTEM = ChatMessage(role="system", content="You are Yanray. Tools: /calculate <expression>")
 ASK = ChatMessage(role="user", content="What is 6.5 times 7.5?")
@@ -356,3 +357,19 @@ async def wait_for(condition: object, within: float = 5.0) -> None:
     while not condition():  # type: ignore[operator]
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def test_a_server_that_ignores_max_tokens_is_cut_at_a_character_bound() -> None:
+    flood = "0123456789" * 200_000  # 2 MB, and the fake never looks at max_tokens
+    async with FakeOpenAI(replies=[flood], chunk_size=4000, chunk_delay=0.002) as fake:
+        engine = make_engine(fake)
+        pieces: list[str] = []
+        started = asyncio.get_running_loop().time()
+        result = await (await engine.start([ASK])).generate(
+            GenerateOptions(max_new_tokens=100), pieces.append
+        )
+        seconds = asyncio.get_running_loop().time() - started
+        await wait_for(lambda: fake.disconnects == 1)  # the server was told to stop
+        await engine.aclose()
+    assert result.finish == "length" and seconds < 2
+    assert result.text == "".join(pieces) == flood[: 100 * MAX_CHARS_PER_TOKEN]
