@@ -40,6 +40,7 @@ class RoundText:
         self._parts: list[str] = []
         self._unsent: list[str] = []  # text[sent:], in pieces
         self._window = max((len(s) for s in self.stops), default=1) - 1
+        self._stop_chars = frozenset("".join(self.stops))
         self._tail = ""  # the last `_window` characters: where a stop string can begin
         self._space = 0  # length of the trailing whitespace run
 
@@ -92,7 +93,7 @@ class RoundText:
 
     def _held(self) -> int:
         held = self._space if self.strip_end else 0
-        if self.stops:
+        if self._tail and self._tail[-1] in self._stop_chars:  # else no stop can begin at the end
             held = max(held, held_back(self._tail, self.stops))
         return held
 
