@@ -153,10 +153,11 @@ class _StreamedRound:
                 self.lead = visible[0]
 
     def visible(self) -> str:
-        if len(self.done) > 1:
-            self.done[:] = ["".join(self.done)]
+        for parts in (self.done, self.line):  # joined once, then kept joined
+            if len(parts) > 1:
+                parts[:] = ["".join(parts)]
         done = self.done[0] if self.done else ""
-        return done if self.lead == "/" else done + "".join(self.line)
+        return done if self.lead == "/" or not self.line else done + self.line[0]
 
 
 class ToolLoop:

@@ -219,7 +219,10 @@ class EngineWorker:
         try:
             async with asyncio.timeout(limit + HARD_STOP_GRACE_S):
                 engine_started = time.perf_counter()
-                result = await self._generate(job, base_prompt, [to_chat(m) for m in history])
+                try:
+                    result = await self._generate(job, base_prompt, [to_chat(m) for m in history])
+                finally:
+                    timer.cancel()  # storing and delivering are not part of the answer's time
                 engine_time = time.perf_counter() - engine_started
         except ContextTooLong as exc:
             await self._close(job, "failed", error=str(exc))
@@ -247,8 +250,6 @@ class EngineWorker:
                 await self._close(job, "done", rounds=result, turn=turn, note=note)
             else:
                 await self._close(job, "done", rounds=result, turn=turn)
-        finally:
-            timer.cancel()
         self.timings.append((engine_time, time.perf_counter() - started))
 
     async def _load_history(self, session: Any, conversation: Conversation, turn: int) -> list[Message]:

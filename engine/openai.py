@@ -175,7 +175,7 @@ class OpenAIEngine:
             return Generation(text="", finish="cancelled")
         reader = ChunkReader(options, on_text)
         await self._guard(self._stream(messages, options, reader), reader.state)
-        state, text = reader.state, reader.text.text
+        state, text = reader.state, reader.round.text
         return Generation(
             text=text,
             finish=state.finish,

@@ -68,7 +68,7 @@ class ChunkReader:
         self.state = RoundState()
         self.options = options
         self.on_text = on_text
-        self.text = RoundText(options, max_chars=options.max_new_tokens * MAX_CHARS_PER_TOKEN)
+        self.round = RoundText(options, max_chars=options.max_new_tokens * MAX_CHARS_PER_TOKEN)
 
     async def events(self, resp: aiohttp.ClientResponse) -> None:
         """Parse server-sent events until [DONE], a stop, the cancel flag or the end."""
@@ -154,19 +154,19 @@ class ChunkReader:
             self.state.new_tokens = _count(usage.get("completion_tokens"))
 
     def piece(self, content: str) -> None:
-        if self.text.add(content):
+        if self.round.add(content):
             self.state.cut = True
-            self.state.finish = self.text.cut or "stop"
-            if self.text.cut == "length":
+            self.state.finish = self.round.cut or "stop"
+            if self.round.cut == "length":
                 logger.warning(
                     "the model server sent more than %d characters for max_tokens=%d; the answer is cut",
-                    self.text.max_chars,
+                    self.round.max_chars,
                     self.options.max_new_tokens,
                 )
-        self._emit(self.text.ready())
+        self._emit(self.round.ready())
 
     def cancelled(self) -> None:
-        self._emit(self.text.ready(final=True))  # what was held back for a possible stop string
+        self._emit(self.round.ready(final=True))  # what was held back for a possible stop string
         self.state.finish = "cancelled"
 
     def _emit(self, piece: str) -> None:
@@ -175,7 +175,7 @@ class ChunkReader:
 
     def _end(self) -> None:
         if not self.state.cut:
-            self._emit(self.text.ready(final=True))
+            self._emit(self.round.ready(final=True))
         self.state.complete = True
 
 
