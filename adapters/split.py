@@ -29,12 +29,14 @@ Choices where the brief was silent:
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass
 
 MAX_FENCE_LINE = 40
 MIN_LIMIT = 2 * MAX_FENCE_LINE + 20
 _SENTENCE_END = ".!?…"
 _CJK_SENTENCE_END = "。！？"
+_BREAK_AFTER = re.compile(rf"[\s{_CJK_SENTENCE_END}]")
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,17 @@ class _Lines:
             state = _step(state, line)
             self.starts.append(start)
             self.states.append(state)
+        # per line, the first and last line of the code block it is in (computed once: walking
+        # the block for every candidate cut made an unclosed block quadratic)
+        count = len(self.states)
+        self.block_first = list(range(count))
+        self.block_last = list(range(count))
+        for at in range(1, count):
+            if self.states[at] is not None:
+                self.block_first[at] = self.block_first[at - 1]
+        for at in range(count - 2, -1, -1):
+            if self.states[at + 1] is not None:
+                self.block_last[at] = self.block_last[at + 1]
 
     def line_of(self, pos: int) -> int:
         return bisect.bisect_right(self.starts, pos) - 1
@@ -140,8 +153,9 @@ def _level(text: str, p: int) -> int:
 
 def _choose_cut(text: str, lines: _Lines, pos: int, end: int, limit: int) -> int:
     """The best cut in (pos, end]; the chunk text[pos:cut] plus fences must fit `limit`."""
-    candidates: list[tuple[int, int]] = []  # (level, position)
-    for p in range(end, pos, -1):
+    candidates: list[tuple[int, int]] = []  # (level, position), latest first
+    # only a position after whitespace or a CJK sentence end can be a boundary
+    for p in reversed([m.end() for m in _BREAK_AFTER.finditer(text, pos, end)]):
         level = _level(text, p)
         if level and not lines.inside_fence_line(p):
             candidates.append((level, p))
@@ -153,20 +167,15 @@ def _choose_cut(text: str, lines: _Lines, pos: int, end: int, limit: int) -> int
             return True
         # inside a block: only if the block cannot fit a message of its own
         line = lines.line_of(p)
-        first = line
-        while first > 0 and lines.states[first] is not None:
-            first -= 1
-        last = line
-        while last + 1 < len(lines.states) and lines.states[last + 1] is not None:
-            last += 1
+        first, last = lines.block_first[line], lines.block_last[line]
         block = lines.starts[min(last + 1, len(lines.starts) - 1)] - lines.starts[first]
         return block > limit or lines.starts[first] < pos
 
-    usable = [(level, p) for level, p in candidates if allowed(p)]
     for level in (4, 3, 2, 1):
-        for lv, p in usable:  # latest first
-            if lv == level and p - pos >= min_fill:
+        for lv, p in candidates:  # latest first
+            if lv == level and p - pos >= min_fill and allowed(p):
                 return p
+    usable = [(level, p) for level, p in candidates if allowed(p)]
     if usable:
         # every boundary is early: the cut just before a code block that fits, or the best one
         return max(usable, key=lambda item: (item[0], item[1]))[1]
@@ -208,19 +217,30 @@ def split_message(text: str, limit: int) -> list[str]:
 
 def join_parts(parts: list[str]) -> str:
     """Undo `split_message`: the original text, without the fences the splitter added."""
-    text = ""
+    out: list[str] = []
+    state: Fence | None = None  # the fence state of the complete lines joined so far
+    tail = ""  # the start of the joined text's last, unfinished line (enough to tell a fence)
     for index, part in enumerate(parts):
-        if index:
-            state = open_fence(text)
-            if state is not None:
-                if not part.startswith(state.opener):
-                    raise ValueError(f"part {index} does not reopen the code block")
-                part = part[len(state.opener) :]
+        if index and state is not None:
+            if not part.startswith(state.opener):
+                raise ValueError(f"part {index} does not reopen the code block")
+            part = part[len(state.opener) :]
         if index < len(parts) - 1:
-            state = open_fence(text + part)
-            if state is not None:
-                if not part.endswith(state.closer):
+            after, _ = _advance(state, tail, part)
+            if after is not None:
+                if not part.endswith(after.closer):
                     raise ValueError(f"part {index} does not close the code block")
-                part = part[: -len(state.closer)]
-        text += part
-    return text
+                part = part[: -len(after.closer)]
+        state, tail = _advance(state, tail, part)
+        out.append(part)
+    return "".join(out)
+
+
+def _advance(state: Fence | None, tail: str, text: str) -> tuple[Fence | None, str]:
+    """The fence state and unfinished-line start after `text` follows `tail`: each part's
+    lines are read once (re-reading the whole joined text per part was quadratic)."""
+    *lines, rest = (tail + text).split("\n")
+    for line in lines:
+        state = _step(state, line)
+    # a line longer than MAX_FENCE_LINE is never a fence line, so its start is all that matters
+    return state, rest[: MAX_FENCE_LINE + 1]

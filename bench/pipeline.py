@@ -119,7 +119,7 @@ class TimedSession:
             text += piece
             if on_text is not None:
                 on_text(piece)
-            if options.stop_at is not None and (cut := options.stop_at(text)) is not None:
+            if options.stop_at is not None and (cut := options.stop_at(piece)) is not None:
                 text = text[:cut]
                 break
         self.messages.append(ChatMessage("assistant", text))

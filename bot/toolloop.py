@@ -17,6 +17,12 @@ gets one more round to do so (a call in that round is not run, and not shown). A
 
 What the user sees is the model's text with the tool-call lines taken out; every round
 and every tool result is kept in `rounds` for storage.
+
+The model's text is untrusted and may be long: every line is looked at once, in linear
+time, while it streams (`SlashCalls`, `_StreamedRound`), and a call whose argument is longer
+than the tool's `max_argument_chars` is refused before the tool parses anything, with an
+observation telling the model the limit. A running tool is abandoned when the answer's
+cancel flag is set (/stop, or the worker's time limit), so the loop returns promptly.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +44,10 @@ from yanray.engine.native_tools import tool_call_content
 logger = logging.getLogger(__name__)
 
 NO_MORE_TOOLS = "No more tool calls are allowed for this answer; answer with what you have."
+CANCEL_POLL_S = 0.05  # how often a running tool's caller looks at the cancel flag
+
+#: `on_visible`'s argument builds the visible text so far (see `ToolLoop.run`)
+VisibleCallback = Callable[[Callable[[], str]], None]
 
 
 @dataclass(frozen=True)
@@ -56,57 +67,97 @@ class LoopResult:
     visible: str = ""  # what the user sees: the rounds' text without the tool-call lines
 
 
-def slash_pattern(names: Sequence[str]) -> re.Pattern[str] | None:
-    if not names:
-        return None
-    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-    return re.compile(rf"^[ \t]*/({alternatives})[ \t]+(\S[^\n]*?)[ \t]*(?:\n|\Z)", re.MULTILINE)
+class SlashCalls:
+    """The slash dialect: which lines of the model's text are tool calls.
 
+    A call line is `/name argument`: optional spaces or tabs, the slash and a tool name,
+    spaces or tabs, then an argument that starts with a visible character and runs to the
+    end of the line. Every check looks at each line once, in linear time (a lazy argument
+    before optional trailing spaces, as once written here, is quadratic in a run of spaces).
+    """
 
-def _strip_calls(text: str, pattern: re.Pattern[str] | None) -> str:
-    return pattern.sub("", text) if pattern is not None else text
+    def __init__(self, names: Sequence[str]) -> None:
+        alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+        # possessive, and on one line at a time: the argument's trailing blanks are stripped after
+        self._line = re.compile(rf"^[ \t]*+/({alternatives})[ \t]++(\S[^\n]*+)")
+
+    def parse(self, line: str) -> tuple[str, str] | None:
+        """(tool name, argument) if `line` (without its newline) is a call line."""
+        match = self._line.match(line)
+        if match is None or match.end() != len(line):
+            return None
+        return match.group(1), match.group(2).strip()
+
+    def strip(self, text: str) -> str:
+        """`text` without its call lines (each with its newline)."""
+        lines = text.split("\n")
+        kept = [line + "\n" for line in lines[:-1] if self.parse(line) is None]
+        if self.parse(lines[-1]) is None:
+            kept.append(lines[-1])
+        return "".join(kept)
+
+    def last_call(self, text: str) -> tuple[str, str] | None:
+        """The call the text ends with (only blank text after it), if any."""
+        body = text.rstrip()
+        return self.parse(body[body.rfind("\n") + 1 :])
+
+    def stop_at(self) -> Callable[[str], int | None]:
+        """A fresh `stop_at` (the engine contract in `engine/base.py`: fed each piece) that
+        cuts at the end of the first complete call line."""
+        line: list[str] = []  # the current line's pieces
+        offset = 0  # length of the text before this piece
+
+        def stop_at(piece: str) -> int | None:
+            nonlocal offset
+            start = 0
+            while (newline := piece.find("\n", start)) != -1:
+                line.append(piece[start:newline])
+                complete = "".join(line)
+                line.clear()
+                if self.parse(complete) is not None:
+                    return offset + newline + 1
+                start = newline + 1
+            if start < len(piece):
+                line.append(piece[start:])
+            offset += len(piece)
+            return None
+
+        return stop_at
 
 
 class _StreamedRound:
-    """One round's text as it streams, each line looked at once: the visible part grows
-    by whole lines (tool calls left out), and a last line that may become a call is held back."""
+    """One round's text as it streams, each line looked at once: the visible part grows by
+    whole lines (tool calls left out), and a last line that may become a call is held back.
+    `add` costs time in proportion to the piece; `visible` builds the text (pull it sparingly)."""
 
-    def __init__(self, pattern: re.Pattern[str] | None) -> None:
-        self.pattern = pattern
-        self.done = ""  # visible complete lines
-        self.partial = ""
+    def __init__(self, calls: SlashCalls | None) -> None:
+        self.calls = calls
+        self.done: list[str] = []  # visible complete lines
+        self.line: list[str] = []  # the current line's pieces
+        self.lead = ""  # the current line's first visible character, once there is one
 
     def add(self, piece: str) -> None:
-        self.partial += piece
-        if "\n" not in piece:
-            return
-        *lines, self.partial = self.partial.split("\n")
-        for line in lines:
-            if self.pattern is None or not self.pattern.match(line + "\n"):
-                self.done += line + "\n"
+        start = 0
+        while (newline := piece.find("\n", start)) != -1:
+            self.line.append(piece[start:newline])
+            line = "".join(self.line)
+            self.line.clear()
+            self.lead = ""
+            if self.calls is None or self.calls.parse(line) is None:
+                self.done.append(line + "\n")
+            start = newline + 1
+        rest = piece[start:]
+        if rest:
+            self.line.append(rest)
+            if not self.lead and (visible := rest.lstrip()):
+                self.lead = visible[0]
 
     def visible(self) -> str:
-        return self.done if self.partial.lstrip().startswith("/") else self.done + self.partial
-
-
-def _stop_at_calls(pattern: re.Pattern[str]) -> Callable[[str], int | None]:
-    """A `stop_at` that finds the end of the first complete call line, scanning each line once.
-
-    The engine calls it with the round's text so far, growing, from one thread."""
-    scanned = 0
-
-    def stop_at(text: str) -> int | None:
-        nonlocal scanned
-        end = text.rfind("\n") + 1
-        if end <= scanned:
-            return None
-        for match in pattern.finditer(text, scanned, end):
-            if match.group(0).endswith("\n"):
-                return match.end()
-        scanned = end
-        return None
-
-    return stop_at
+        for parts in (self.done, self.line):  # joined once, then kept joined
+            if len(parts) > 1:
+                parts[:] = ["".join(parts)]
+        done = self.done[0] if self.done else ""
+        return done if self.lead == "/" or not self.line else done + self.line[0]
 
 
 class ToolLoop:
@@ -115,16 +166,20 @@ class ToolLoop:
     def __init__(self, *, tools: Mapping[str, Tool], max_rounds: int) -> None:
         self.tools = tools
         self.max_rounds = max_rounds
-        self._pattern = slash_pattern(list(tools))
+        self._calls = SlashCalls(list(tools)) if tools else None
 
     async def run(
         self,
         session: EngineSession,
         *,
         options: Callable[[], GenerateOptions],
-        on_visible: Callable[[str], None] | None = None,
+        on_visible: VisibleCallback | None = None,
     ) -> LoopResult:
-        """Generate until the model answers without a tool call (or a limit stops it)."""
+        """Generate until the model answers without a tool call (or a limit stops it).
+
+        `on_visible` is called whenever the visible text grows, with a function that builds
+        that text: building it costs time in proportion to its length, so the caller pulls it
+        when it needs it (e.g. at most every 0.1 s), never per piece."""
         result = LoopResult()
         cache: dict[tuple[str, str], str] = {}
         shown: list[str] = []  # visible text of finished rounds
@@ -132,15 +187,20 @@ class ToolLoop:
         told = False  # the model was told that no more tools run
         while True:
             opts = options()
-            if not told and self._pattern is not None:
-                opts.stop_at = _stop_at_calls(self._pattern)
-            streamed = _StreamedRound(self._pattern)
+            if not told and self._calls is not None:
+                opts.stop_at = self._calls.stop_at()
+            streamed = _StreamedRound(self._calls)
             before = "".join(shown)
 
-            def on_text(piece: str, streamed: _StreamedRound = streamed, before: str = before) -> None:
+            def visible(streamed: _StreamedRound = streamed, before: str = before) -> str:
+                return before + streamed.visible()
+
+            def on_text(
+                piece: str, streamed: _StreamedRound = streamed, visible: Callable[[], str] = visible
+            ) -> None:
                 streamed.add(piece)
                 if on_visible is not None:
-                    on_visible(before + streamed.visible())
+                    on_visible(visible)
 
             generation = await session.generate(opts, on_text)
             result.finish = generation.finish
@@ -148,7 +208,7 @@ class ToolLoop:
             if call is None:
                 # the answer; a native call after the model was told is left out of sight
                 result.rounds.append(Round(text=generation.text))
-                shown.append(_strip_calls(generation.text, self._pattern))
+                shown.append(self._strip_calls(generation.text))
                 break
             name, arguments, native = call
             if calls >= self.max_rounds:
@@ -160,14 +220,17 @@ class ToolLoop:
                     observation = cache[key]
                     logger.info("tool %s repeated with the same arguments; reusing the first result", name)
                 else:
-                    observation = cache[key] = await self._run_tool(name, arguments)
+                    observation = cache[key] = await self._run_tool(name, arguments, opts.cancel)
                 calls += 1
             self._record(result, shown, generation, name, arguments, observation, native)
             await session.append(ChatMessage("observation", observation, name))
-            if generation.finish == "cancelled":
+            if generation.finish == "cancelled" or opts.cancel.is_set():
                 break
         result.visible = "".join(shown).strip()
         return result
+
+    def _strip_calls(self, text: str) -> str:
+        return self._calls.strip(text) if self._calls is not None else text
 
     def _record(
         self,
@@ -181,7 +244,7 @@ class ToolLoop:
     ) -> None:
         if not native:
             result.rounds.append(Round(text=generation.text, tool_name=name, observation=observation))
-            shown.append(_strip_calls(generation.text, self._pattern))
+            shown.append(self._strip_calls(generation.text))
             return
         # text the model wrote before its call block is an ordinary, visible round; the call is
         # stored in ChatGLM3's own form, so the history re-encodes it as the model wrote it
@@ -195,24 +258,52 @@ class ToolLoop:
         if generation.tool_call is not None:
             call = generation.tool_call
             return call.name, call.arguments, True
-        if self._pattern is None or generation.finish not in ("stop", "length"):
+        if self._calls is None or generation.finish not in ("stop", "length"):
             return None
-        # the last call line of the round is the one the model stopped at
-        match = next(reversed(list(self._pattern.finditer(generation.text))), None)
-        if match is None or match.end() < len(generation.text.rstrip()):
+        # the call line the round ends with is the one the model stopped at
+        found = self._calls.last_call(generation.text)
+        if found is None:
             return None
-        tool = self.tools[match.group(1)]
-        return tool.name, {tool.slash_argument: match.group(2).strip()}, False
+        tool = self.tools[found[0]]
+        return tool.name, {tool.slash_argument: found[1]}, False
 
-    async def _run_tool(self, name: str, arguments: Mapping[str, Any]) -> str:
+    async def _run_tool(self, name: str, arguments: Mapping[str, Any], cancel: threading.Event) -> str:
         tool = self.tools.get(name)
         if tool is None:
             return f"Error: there is no tool named {name!r}; available: {', '.join(self.tools) or 'none'}."
+        # refused before the tool parses anything: the model learns the limit and can retry
+        size = _argument_chars(arguments)
+        if size > tool.max_argument_chars:
+            logger.info("tool %s refused: its argument is %d characters", name, size)
+            return (
+                f"Error: the {name} argument is {size:,} characters long; "
+                f"the limit is {tool.max_argument_chars:,}. Write a shorter call."
+            )
+        if cancel.is_set():
+            return f"Error: the answer was stopped before the {name} tool ran."
+        task = asyncio.ensure_future(tool.handler(arguments))
         try:
             async with asyncio.timeout(tool.timeout):
-                return await tool.handler(arguments)
+                # the answer's time limit or /stop also stops a tool that is still working
+                while not task.done():
+                    await asyncio.wait({task}, timeout=CANCEL_POLL_S)
+                    if not task.done() and cancel.is_set():
+                        return f"Error: the answer was stopped before the {name} tool finished."
+                return task.result()
         except ToolError as exc:
             return f"Error: {exc}"
         except TimeoutError:
             logger.warning("tool %s timed out after %.1f s", name, tool.timeout)
             return f"Error: the {name} tool took longer than {tool.timeout:g} s."
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
+def _argument_chars(arguments: Mapping[str, Any]) -> int:
+    """The size of the longest argument: a string's length, anything else's JSON length."""
+    return max(
+        (len(v) if isinstance(v, str) else len(json.dumps(v, default=str)) for v in arguments.values()),
+        default=0,
+    )

@@ -12,18 +12,27 @@ storing it but before delivering; a request left queued or running is generated
 again. The window in which an answer can be delivered twice is the time between the
 platform accepting the final message and the `delivered` flag being committed.
 
-Failures never stop the worker: the engine's, the context check's, the time limit's
-and unexpected ones each close the request as failed and tell the user one line.
+Failures never stop the worker: the engine's, the context check's and unexpected ones
+each close the request as failed and tell the user one line.
+
+An answer that reaches the time limit (`YANRAY_REQUEST_TIMEOUT`) is stopped through its
+cancel flag, like /stop, and what was written so far is stored and delivered as a normal
+answer with a last line "[Stopped: ...]"; one cut at the length limit ends with
+"[Cut short: ...]". Only an engine that ignores the flag for HARD_STOP_GRACE_S more is cut
+off and closed as failed. The growing reply reaches the adapter through `_Progress`, which
+pulls the visible text at most every PROGRESS_INTERVAL_S: nothing per piece grows with
+the reply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from yanray.bot.context import TokenCounter, fit_history, system_prompt
@@ -45,6 +54,10 @@ PROMPT_ROLE: dict[str, Role] = {
     "system": "system",
 }
 TIMINGS_KEPT = 10_000
+PROGRESS_INTERVAL_S = 0.1
+#: after the time limit the answer is stopped through its cancel flag (the engine stops within a
+#: token, a running tool is abandoned); an engine that does not react by then is cut off here
+HARD_STOP_GRACE_S = 5.0
 HISTORY_PAGE = 64  # messages read back at first; more only while they all fit the budget
 APOLOGY = "Sorry, something went wrong while answering. Please try again."
 
@@ -55,27 +68,39 @@ def to_chat(message: Message) -> ChatMessage:
 
 
 class _Progress:
-    """Passes the growing reply to the adapter: one call in flight, always the newest text."""
+    """Shows the growing reply: one adapter call in flight, always the newest text, pulled at
+    most every PROGRESS_INTERVAL_S (building the text costs time in proportion to its length,
+    so it is never built per piece; the adapters throttle to a second or more anyway).
+    `drain` shows the newest text at once and waits for it."""
 
     def __init__(self, out: ReplyStream) -> None:
         self.out = out
-        self.latest = ""
+        self._visible: Callable[[], str] = str
+        self._dirty = False
+        self._pulled = -PROGRESS_INTERVAL_S  # loop time of the last pull
+        self._now = asyncio.Event()  # set by drain: pull without waiting for the interval
         self._task: asyncio.Task[None] | None = None
 
-    def update(self, text: str) -> None:
-        self.latest = text
+    def update(self, visible: Callable[[], str]) -> None:
+        self._visible, self._dirty = visible, True
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._pump())
 
     async def _pump(self) -> None:
-        sent = None
-        while sent is not self.latest:
-            sent = self.latest
-            await self.out.progress(sent)
+        loop = asyncio.get_running_loop()
+        while self._dirty:
+            due = self._pulled + PROGRESS_INTERVAL_S - loop.time()
+            if due > 0 and not self._now.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(due):
+                        await self._now.wait()
+            self._dirty, self._pulled = False, loop.time()
+            await self.out.progress(self._visible())
 
     async def drain(self) -> None:
         if self._task is None:
             return
+        self._now.set()
         (outcome,) = await asyncio.gather(self._task, return_exceptions=True)
         if isinstance(outcome, Exception):
             # the final answer still goes out through finish(); a lost progress update is cosmetic
@@ -248,16 +273,30 @@ class EngineWorker:
         except Exception:  # showing "typing" is cosmetic; the answer still goes out
             logger.exception("request %d: the platform refused the typing notice", job.request_id)
         engine_time = 0.0
+        limit = self.settings.request_timeout
+        timed_out = False
+
+        def deadline() -> None:
+            # stop the answer the way /stop does, so what was written so far is kept and shown
+            nonlocal timed_out
+            if not job.cancel.is_set():
+                timed_out = True
+                job.cancel.set()
+
+        timer = asyncio.get_running_loop().call_later(limit, deadline)
         try:
-            async with asyncio.timeout(self.settings.request_timeout):
+            async with asyncio.timeout(limit + HARD_STOP_GRACE_S):
                 engine_started = time.perf_counter()
-                result = await self._generate(job, base_prompt, [to_chat(m) for m in history])
+                try:
+                    result = await self._generate(job, base_prompt, [to_chat(m) for m in history])
+                finally:
+                    timer.cancel()  # storing and delivering are not part of the answer's time
                 engine_time = time.perf_counter() - engine_started
         except ContextTooLong as exc:
             await self._close(job, "failed", error=str(exc))
         except TimeoutError:
             job.cancel.set()
-            limit = self.settings.request_timeout
+            logger.warning("request %d: the engine did not stop at the time limit", job.request_id)
             await self._close(job, "failed", error=f"That took too long (over {limit:g} s) and was stopped.")
         except EngineError as exc:
             logger.warning("request %d: engine error: %s", job.request_id, exc)
@@ -266,10 +305,17 @@ class EngineWorker:
             logger.exception("request %d failed unexpectedly", job.request_id)
             await self._close(job, "failed", error=APOLOGY)
         else:
+            if timed_out:
+                logger.info("request %d: stopped at the time limit of %g s", job.request_id, limit)
+                note = f"Stopped: that took longer than {limit:g} s."
+                await self._close(job, "done", rounds=result, turn=turn, note=note)
             # cancelled while the answer was being stored counts too: a /stop, or an edit whose
             # new request has already set this answer aside
-            if result.finish == "cancelled" or job.cancel.is_set():
+            elif result.finish == "cancelled" or job.cancel.is_set():
                 await self._close(job, "cancelled", error=job.cancel_reason, rounds=result, turn=turn)
+            elif result.finish == "length":
+                note = f"Cut short: the answer reached its limit of {self.settings.max_new_tokens:,} tokens."
+                await self._close(job, "done", rounds=result, turn=turn, note=note)
             else:
                 await self._close(job, "done", rounds=result, turn=turn)
         self.timings.append((engine_time, time.perf_counter() - started))
@@ -319,9 +365,14 @@ class EngineWorker:
         error: str | None = None,
         rounds: LoopResult | None = None,
         turn: int = 0,
+        note: str | None = None,
     ) -> None:
-        """Store the outcome in one transaction, then deliver it."""
+        """Store the outcome in one transaction, then deliver it. A `note` (the answer was cut
+        short) ends the reply as one bracketed line; it is stored with the reply, so a restart
+        delivers the same text, while the conversation keeps only what the model wrote."""
         reply = rounds.visible if rounds is not None else None
+        if note is not None:
+            reply = f"{reply}\n\n[{note}]" if reply else f"[{note}]"
         if status == "done" and not reply:
             reply = "(I have no answer to that.)"
         async with self.db.transaction() as session:

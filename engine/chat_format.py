@@ -102,7 +102,7 @@ class ChatGLM3ReplyDecoder:
         self.phase = "metadata" if in_metadata else "answer"
         self.stream = Utf8Stream()
         self.metadata = ""
-        self.call_text = ""
+        self.call_parts: list[str] = []  # a call block's text, joined once when the round ends
         self.answer = _Answer()
         self.answer.block_start = in_metadata
 
@@ -125,7 +125,7 @@ class ChatGLM3ReplyDecoder:
         if self.phase == "answer":
             return self.answer.add(text)
         if self.phase == "call":
-            self.call_text += text
+            self.call_parts.append(text)
             return ""
         self.metadata += text
         line, newline, rest = self.metadata.partition("\n")
@@ -134,7 +134,7 @@ class ChatGLM3ReplyDecoder:
                 self.phase = "answer"
                 return self.answer.add(rest)
             if is_tool_name(line):
-                self.phase, self.metadata, self.call_text = "call", line.strip(), rest
+                self.phase, self.metadata, self.call_parts = "call", line.strip(), [rest]
                 return ""
         if newline or len(self.metadata) > MAX_METADATA_CHARS:
             self.phase = "answer"
@@ -147,12 +147,13 @@ class ChatGLM3ReplyDecoder:
             return tail + self.answer.add(self.metadata), None
         if self.phase != "call" or not complete:
             return tail, None
+        call_text = "".join(self.call_parts)
         try:
-            return tail, parse_tool_call(self.metadata, self.call_text)
+            return tail, parse_tool_call(self.metadata, call_text)
         except ToolCallError as exc:
             logger.warning("the model's %r tool call was refused (%s); shown as text", self.metadata, exc)
             self.answer.new_block()
-            return tail + self.answer.add(self.call_text.strip()), None
+            return tail + self.answer.add(call_text.strip()), None
 
 
 class ChatGLM3Format:

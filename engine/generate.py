@@ -17,8 +17,8 @@ Choices where the design is silent:
 - A failed round (any exception, out of memory included) rolls the session back to where
   the round started (the cache is cropped), so the same session can generate again.
 - The text handed out never runs past a stop: trailing whitespace and anything that could
-  be the start of a `stop` string are held back until decided, so the pieces always join
-  to `Generation.text`.
+  be the start of a `stop` string are held back until decided (`engine/round_text.py`,
+  shared with the openai backend), so the pieces always join to `Generation.text`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 
 from yanray.engine.base import ChatMessage, EngineError, FinishReason, GenerateOptions, Generation, ToolSpec
 from yanray.engine.chat_format import ChatFormat
+from yanray.engine.round_text import RoundText
 
 PREFILL_CHUNK = 2048
 
@@ -103,51 +104,6 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return int(torch.multinomial(probs.to("cpu"), 1, generator=generator))
 
 
-class VisibleText:
-    """The round's answer text, cut at stops, with what may be handed out so far."""
-
-    def __init__(self, options: GenerateOptions) -> None:
-        self.stop = [s for s in options.stop if s]
-        self.stop_at = options.stop_at
-        self.text = ""
-        self.sent = 0
-        self.cut = False
-
-    def add(self, piece: str) -> bool:
-        """Add text; True when a stop was found (the text is then cut there)."""
-        if not piece or self.cut:
-            return self.cut
-        self.text += piece
-        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if self.stop_at is not None:
-            at = self.stop_at(self.text)
-            if at is not None:
-                cuts.append(max(0, min(at, len(self.text))))
-        if cuts:
-            self.text = self.text[: min(cuts)]
-            self.cut = True
-        return self.cut
-
-    def _held(self) -> int:
-        """How many trailing characters might still turn out to be a stop or trailing space."""
-        held = len(self.text) - len(self.text.rstrip())
-        for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(stop[:n]):
-                    held = max(held, n)
-                    break
-        return held
-
-    def ready(self, final: bool = False) -> str:
-        """The text that can be handed out now (and marks it handed out)."""
-        if final and not self.cut:
-            self.text = self.text.rstrip()
-        end = len(self.text) if final or self.cut else len(self.text) - self._held()
-        piece = self.text[self.sent : end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return piece
-
-
 def run_round(
     model: Any,
     state: SessionState,
@@ -193,7 +149,7 @@ def _round(
         state.cache = new_cache()
     new = state.tokens[state.cached :]
     decoder = fmt.reply_decoder(state.tokens)
-    visible = VisibleText(options)
+    visible = RoundText(options, strip_end=True)
     cancel: threading.Event = options.cancel
     finish: FinishReason = "length"
     produced = 0
@@ -221,7 +177,7 @@ def _round(
                 break
             logits = decode_one_token(model, state.cache, token, len(state.tokens) - 1, device)
             state.cached = len(state.tokens)
-    tail, call = decoder.finish(complete=finish == "stop" and not visible.cut)
+    tail, call = decoder.finish(complete=finish == "stop" and visible.cut is None)
     visible.add(tail)
     piece = visible.ready(final=True)
     if piece:

@@ -34,7 +34,9 @@ from yanray.engine.base import ToolCall
 MAX_SNIPPET_CHARS = 8192
 MAX_NESTING = 32
 _NAME = re.compile(r"^[A-Za-z_][\w.\-]{0,63}$")
-_FENCE = re.compile(r"^\s*```[\w+-]*[ \t]*\n(?P<body>.*?)\n?[ \t]*```\s*$", re.DOTALL)
+# the opening fence line; the closing one is found by a scan from the end (a lazy body before
+# `[ \t]*```\s*$` would be quadratic in a run of spaces)
+_FENCE_OPEN = re.compile(r"^\s*+```[\w+-]*+[ \t]*+\n")
 
 
 class ToolCallError(ValueError):
@@ -47,8 +49,17 @@ def is_tool_name(metadata: str) -> bool:
 
 
 def _unfence(content: str) -> str:
-    match = _FENCE.match(content)
-    return match.group("body") if match else content
+    """The body of a fenced block (```` ```python\n...\n``` ````), or `content` as it is."""
+    opened = _FENCE_OPEN.match(content)
+    close = len(content.rstrip()) - 3
+    if opened is None or close < opened.end() or not content.startswith("```", close):
+        return content
+    end = close
+    while end > opened.end() and content[end - 1] in " \t":
+        end -= 1
+    if end > opened.end() and content[end - 1] == "\n":
+        end -= 1
+    return content[opened.end() : end]
 
 
 def _depth_ok(text: str) -> bool:

@@ -20,8 +20,10 @@ Choices where the design is silent:
   (`native_tools = False`): the bot describes them in the system prompt (slash dialect).
 - Stops: `stop` strings are sent to the server and also checked here (some servers ignore
   them); text that could be the start of a stop string is held back from `on_text` until it
-  is decided. `stop_at(text)` is checked after every piece; at a cut the response is closed,
-  so the server stops generating. The pieces given to `on_text` always join to `text`.
+  is decided. `stop_at` is fed every piece; at a cut the response is closed, so the server
+  stops generating. `max_tokens` is sent, and also enforced here as a character bound
+  (`engine/openai_stream.py`), since some servers ignore it. The pieces given to `on_text`
+  always join to `text`.
 - `cancel` (a threading.Event) is checked between pieces and polled every 50 ms while the
   server is silent, so /stop works even when the server stalls.
 - `timeout` is the longest silence allowed: to connect, for the first byte, and between
@@ -173,12 +175,12 @@ class OpenAIEngine:
             return Generation(text="", finish="cancelled")
         reader = ChunkReader(options, on_text)
         await self._guard(self._stream(messages, options, reader), reader.state)
-        state = reader.state
+        state, text = reader.state, reader.round.text
         return Generation(
-            text=state.text,
+            text=text,
             finish=state.finish,
             prompt_tokens=state.prompt_tokens or estimate_tokens(messages),
-            new_tokens=state.new_tokens or _estimate_text(state.text),
+            new_tokens=state.new_tokens or _estimate_text(text),
         )
 
     def _body(self, messages: Sequence[ChatMessage], options: GenerateOptions) -> dict[str, Any]:

@@ -7,34 +7,43 @@ handling of its own: it raises `MalformedChunk`, `ServerFailed` (an `{"error": .
 or `StreamCut` (no [DONE] and no finish_reason), which `engine/openai.py` turns into
 one-line `EngineError`s.
 
-Text that could be the start of a stop string is held back from `on_text` until it is
-decided, so the pieces given to `on_text` always join to the round's `text`.
+The stops, the hold-back of text that could be the start of a stop string, and the length
+bound are `engine/round_text.py`'s, as for the local engine, so the pieces given to `on_text`
+always join to the round's text. The bound: a server may ignore `max_tokens` (or count
+differently), so a round is also cut, finish "length", after `max_new_tokens *
+MAX_CHARS_PER_TOKEN` characters. No token of ChatGLM3's vocabulary is longer than 16
+characters (its longest pieces are 16-character words and runs such as 16 `!`; it packs up to
+16 spaces in one token), and other tokenizers' pieces are shorter, so a reply the server
+counts as `max_new_tokens` tokens is never cut early, and a server that runs on forever is.
+Incoming bytes are split into lines as they arrive, each byte looked at once or twice.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from yanray.engine.base import FinishReason, GenerateOptions, TextCallback
+from yanray.engine.round_text import RoundText
+
+logger = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 1 << 20  # one SSE event; a chat chunk is well under a kilobyte
+MAX_CHARS_PER_TOKEN = 16  # the longest token text in ChatGLM3's vocabulary (module docstring)
 MAX_ERROR_CHARS = 200
 
 
 @dataclass
 class RoundState:
-    """What one round has produced so far; it survives the reading task being cancelled."""
+    """How one round went so far; it survives the reading task being cancelled."""
 
-    text: str = ""
-    emitted: int = 0  # how much of `text` went to on_text
     finish: FinishReason = "stop"
     answered: bool = False  # the server sent response headers
-    cut: bool = False  # a stop string or stop_at ended the round here
+    cut: bool = False  # a stop string, stop_at or the length bound ended the round here
     complete: bool = False  # the stream ended by itself: [DONE], or a finish_reason then EOF
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -59,23 +68,31 @@ class ChunkReader:
         self.state = RoundState()
         self.options = options
         self.on_text = on_text
-        self.stops = tuple(s for s in options.stop if s)
+        self.round = RoundText(options, max_chars=options.max_new_tokens * MAX_CHARS_PER_TOKEN)
 
     async def events(self, resp: aiohttp.ClientResponse) -> None:
         """Parse server-sent events until [DONE], a stop, the cancel flag or the end."""
-        buffer = b""
+        buffer = bytearray()  # the unfinished line, then the block that may finish it
         data: list[bytes] = []
+        size = 0  # bytes in `data`
         finish_seen = False
         async for block in resp.content.iter_any():
-            *lines, buffer = (buffer + block).split(b"\n")
-            if len(buffer) > MAX_EVENT_BYTES:
-                raise MalformedChunk("an event larger than 1 MiB")
+            buffer += block
+            if b"\n" not in block:
+                if len(buffer) > MAX_EVENT_BYTES:
+                    raise MalformedChunk("an event larger than 1 MiB")
+                continue
+            *lines, rest = bytes(buffer).split(b"\n")
+            buffer = bytearray(rest)
             for line in lines:
                 line = line.rstrip(b"\r")
                 if line.startswith(b"data:"):
                     data.append(line[5:].removeprefix(b" "))
+                    size += len(data[-1])
+                    if size > MAX_EVENT_BYTES:
+                        raise MalformedChunk("an event larger than 1 MiB")
                 elif not line and data:  # a blank line ends an event
-                    payload, data = b"\n".join(data), []
+                    payload, data, size = b"\n".join(data), [], 0
                     if payload == b"[DONE]":
                         return self._end()
                     finish_seen |= self.chunk(json.loads(payload))
@@ -137,50 +154,29 @@ class ChunkReader:
             self.state.new_tokens = _count(usage.get("completion_tokens"))
 
     def piece(self, content: str) -> None:
-        state = self.state
-        start = len(state.text)
-        state.text += content
-        cut = find_stop(state.text, self.stops, start)
-        if self.options.stop_at is not None:
-            at = self.options.stop_at(state.text)
-            if at is not None:
-                at = max(0, min(at, len(state.text)))
-                cut = at if cut is None else min(cut, at)
-        if cut is not None:
-            self._emit(cut)
-            state.text, state.finish, state.cut = state.text[:cut], "stop", True
-            return
-        self._emit(len(state.text) - held_back(state.text, self.stops))
+        if self.round.add(content):
+            self.state.cut = True
+            self.state.finish = self.round.cut or "stop"
+            if self.round.cut == "length":
+                logger.warning(
+                    "the model server sent more than %d characters for max_tokens=%d; the answer is cut",
+                    self.round.max_chars,
+                    self.options.max_new_tokens,
+                )
+        self._emit(self.round.ready())
 
     def cancelled(self) -> None:
-        self._emit(len(self.state.text))  # what was held back for a possible stop string
+        self._emit(self.round.ready(final=True))  # what was held back for a possible stop string
         self.state.finish = "cancelled"
 
-    def _emit(self, upto: int) -> None:
-        state = self.state
-        if upto > state.emitted:
-            piece, state.emitted = state.text[state.emitted : upto], upto
-            if self.on_text is not None:
-                self.on_text(piece)
+    def _emit(self, piece: str) -> None:
+        if piece and self.on_text is not None:
+            self.on_text(piece)
 
     def _end(self) -> None:
         if not self.state.cut:
-            self._emit(len(self.state.text))
+            self._emit(self.round.ready(final=True))
         self.state.complete = True
-
-
-def find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
-    """Where the first stop string begins, looking only where the new piece could complete one."""
-    hits = [i for s in stops if (i := text.find(s, max(0, start - len(s) + 1))) != -1]
-    return min(hits) if hits else None
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that could still grow into a stop string."""
-    return max(
-        (k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
-        default=0,
-    )
 
 
 def _count(value: Any) -> int:

@@ -37,28 +37,31 @@ class ScriptedSession:
         reply = engine.next_reply(self.messages)
         if engine.before_reply is not None:
             await engine.before_reply()
-        text = ""
+        parts: list[str] = []  # joined once: a test may stream megabytes
+        length = 0
         finish = "stop"
         for start in range(0, len(reply), engine.piece):
             if options.cancel.is_set():
                 finish = "cancelled"
                 break
             piece = reply[start : start + engine.piece]
-            text += piece
-            if on_text is not None:
+            cut = options.stop_at(piece) if options.stop_at is not None else None
+            if cut is not None:
+                piece = piece[: max(0, cut - length)]
+            parts.append(piece)
+            length += len(piece)
+            if on_text is not None and piece:
                 on_text(piece)
             if engine.delay:
                 await asyncio.sleep(engine.delay)
             else:
                 await asyncio.sleep(0)
-            if options.stop_at is not None:
-                cut = options.stop_at(text)
-                if cut is not None:
-                    text = text[:cut]
-                    break
+            if cut is not None:
+                break
             if start // engine.piece + 1 >= options.max_new_tokens:
                 finish = "length"
                 break
+        text = "".join(parts)
         self.messages.append(ChatMessage("assistant", text))
         return Generation(text=text, finish=finish)  # type: ignore[arg-type]
 

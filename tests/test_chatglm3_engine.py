@@ -170,8 +170,11 @@ async def test_length_and_stop_strings_and_stop_at(loop_engine: LocalEngine) -> 
     cut = await session.generate(GenerateOptions(max_new_tokens=50, stop=[" gam"]), pieces.append)
     assert (cut.finish, cut.text, "".join(pieces)) == ("stop", "alpha beta", "alpha beta")
 
-    def stop_at(text: str) -> int | None:
-        at = text.find("gamma alpha")
+    seen: list[str] = []
+
+    def stop_at(piece: str) -> int | None:  # fed each piece; returns an offset in the round's text
+        seen.append(piece)
+        at = "".join(seen).find("gamma alpha")
         return at + len("gamma") if at >= 0 else None
 
     session = await loop_engine.start(PROMPT)

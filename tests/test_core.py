@@ -9,6 +9,7 @@ import pytest
 
 from tests.recording import RecordingAdapter, RecordingStream
 from tests.scripted_engine import ScriptedEngine
+from yanray.bot import worker as worker_module
 from yanray.bot.app import Core
 from yanray.bot.types import Incoming
 from yanray.engine.base import ChatMessage
@@ -366,3 +367,46 @@ async def test_first_messages_at_once_from_a_new_user_are_both_accepted(make_set
     )
     assert [await out.wait() for out in outs] == ["hi", "hi"]
     assert await statuses(core) == {"done": 2}
+
+
+async def test_an_answer_past_the_time_limit_shows_what_was_written(make_settings, core_factory) -> None:
+    full = "word " * 400  # 400 pieces, 10 ms each: 4 s, past the 0.5 s limit
+    engine = ScriptedEngine([full], delay=0.01, piece=5)
+    core = await core_factory(make_settings(tools=[], max_new_tokens=1000, request_timeout=0.5), engine)
+    out = await ask(core, "tell me a long story")
+    answer = await out.wait()
+    assert answer is not None and out.of("finish") == [answer]  # an answer, not a failure
+    written, note = answer.split("\n\n")
+    assert note == "[Stopped: that took longer than 0.5 s.]"
+    assert written and full.startswith(written) and len(written) < len(full) // 2
+    await core.wait_idle()
+    assert await statuses(core) == {"done": 1}
+    async with core.db.transaction() as session:
+        request = await crud.latest_request(session=session, conversation_id=1)
+        assert request is not None and request.reply_text == answer  # a restart delivers the same
+        conversation = await crud.get_conversation(session=session, conversation_id=1)
+        assert conversation is not None
+        messages = await crud.context_messages(session=session, conversation=conversation, up_to_turn=10**9)
+    # the conversation keeps what the model wrote, without the note
+    assert [(m.role, m.text.strip()) for m in messages] == [
+        ("user", "tell me a long story"),
+        ("assistant", written),
+    ]
+
+
+async def test_an_engine_that_ignores_the_stop_is_cut_off(make_settings, core_factory, monkeypatch) -> None:
+    monkeypatch.setattr(worker_module, "HARD_STOP_GRACE_S", 0.2)
+    hang = asyncio.Event()
+    engine = ScriptedEngine(["Back again."])
+
+    async def deaf() -> None:  # never looks at the cancel flag
+        await hang.wait()
+
+    engine.before_reply = deaf  # type: ignore[assignment]
+    core = await core_factory(make_settings(tools=[], request_timeout=0.3), engine)
+    out = await ask(core, "are you there?")
+    assert await out.wait() == "That took too long (over 0.3 s) and was stopped."
+    assert out.of("fail") == [out.answer]
+    engine.before_reply = None
+    assert await (await ask(core, "again?")).wait() == "Back again."
+    hang.set()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAI, Reply
+from yanray.bot.toolloop import SlashCalls
 from yanray.engine.base import (
     ChatMessage,
     Engine,
@@ -18,18 +20,15 @@ from yanray.engine.base import (
     GenerateOptions,
 )
 from yanray.engine.openai import OpenAIEngine, estimate_tokens
+from yanray.engine.openai_stream import MAX_CHARS_PER_TOKEN
 
 SYSTEM = ChatMessage(role="system", content="You are Yanray. Tools: /calculate <expression>")
 ASK = ChatMessage(role="user", content="What is 6.5 times 7.5?")
 
 
-def calculate_line_end(text: str) -> int | None:
+def calculate_line_end() -> Callable[[str], int | None]:
     """The tool loop's stop condition: the end of a complete `/calculate ...` line."""
-    start = text.find("/calculate ")
-    if start == -1:
-        return None
-    end = text.find("\n", start)
-    return None if end == -1 else end + 1
+    return SlashCalls(["calculate"]).stop_at()
 
 
 def make_engine(fake: FakeOpenAI | None = None, *, base_url: str = "", timeout: float = 5.0) -> OpenAIEngine:
@@ -98,12 +97,12 @@ async def test_tool_round_stops_at_the_calculate_line_and_the_next_round_sees_th
         engine = make_engine(fake)
         session = await engine.start([SYSTEM, ASK])
         pieces: list[str] = []
-        round1 = await session.generate(GenerateOptions(stop_at=calculate_line_end), pieces.append)
+        round1 = await session.generate(GenerateOptions(stop_at=calculate_line_end()), pieces.append)
         assert round1.text == "Let me work it out.\n/calculate 6.5*7.5\n" == "".join(pieces)
         assert round1.finish == "stop"
         await wait_for(lambda: fake.disconnects == 1)  # the server was told to stop generating
         await session.append(ChatMessage(role="observation", content="48.75", name="calculate"))
-        round2 = await session.generate(GenerateOptions(stop_at=calculate_line_end))
+        round2 = await session.generate(GenerateOptions(stop_at=calculate_line_end()))
         await engine.aclose()
     assert round2.text == "6.5 × 7.5 = 48.75."
     assert fake.requests[1]["messages"][-2:] == [
@@ -358,3 +357,19 @@ async def wait_for(condition: object, within: float = 5.0) -> None:
     while not condition():  # type: ignore[operator]
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def test_a_server_that_ignores_max_tokens_is_cut_at_a_character_bound() -> None:
+    flood = "0123456789" * 200_000  # 2 MB, and the fake never looks at max_tokens
+    async with FakeOpenAI(replies=[flood], chunk_size=4000, chunk_delay=0.002) as fake:
+        engine = make_engine(fake)
+        pieces: list[str] = []
+        started = asyncio.get_running_loop().time()
+        result = await (await engine.start([ASK])).generate(
+            GenerateOptions(max_new_tokens=100), pieces.append
+        )
+        seconds = asyncio.get_running_loop().time() - started
+        await wait_for(lambda: fake.disconnects == 1)  # the server was told to stop
+        await engine.aclose()
+    assert result.finish == "length" and seconds < 2
+    assert result.text == "".join(pieces) == flood[: 100 * MAX_CHARS_PER_TOKEN]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -123,3 +124,12 @@ def test_random_texts_round_trip() -> None:
     for _ in range(3000):
         text = "".join(rnd.choice(pieces) + rnd.choice(["", " ", "\n"]) for _ in range(rnd.randint(0, 150)))
         _check(text, rnd.randint(MIN_LIMIT, 400))
+
+
+def test_an_800_kb_unclosed_code_fence_is_split_in_linear_time() -> None:
+    # issue 8: each candidate cut walked the whole open block (minutes for this text here)
+    text = "```python\n" + "x = 1  # some code\n" * (800_000 // 19)
+    started = time.perf_counter()
+    parts = _check(text, 4096)
+    assert time.perf_counter() - started < 4  # ~0.7 s here
+    assert len(parts) > 190 and all(part.startswith("```python\n") for part in parts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from yanray.bot.tools import Tool
 from yanray.bot.types import Incoming
 from yanray.engine.base import ChatMessage, GenerateOptions, Generation, TextCallback, ToolCall, ToolSpec
 from yanray.engine.openai import OpenAIEngine
+from yanray.engine.openai_stream import MAX_CHARS_PER_TOKEN
 from yanray.storage import crud
 
 
@@ -157,7 +160,11 @@ async def test_native_tool_call_is_answered_with_an_observation() -> None:
     )
     shown: list[str] = []
     loop = ToolLoop(tools={"count": counting_tool(handler)}, max_rounds=2)
-    result = await loop.run(session, options=GenerateOptions, on_visible=shown.append)  # type: ignore[arg-type]
+    result = await loop.run(
+        session,  # type: ignore[arg-type]
+        options=GenerateOptions,
+        on_visible=lambda visible: shown.append(visible()),
+    )
     assert handler.calls == [{"x": "a"}]
     assert session.appended == [ChatMessage("observation", "result 1", "count")]
     assert result.visible == "Let me count.\n\nThe count is 1."
@@ -194,3 +201,85 @@ async def test_unreachable_model_server_is_one_line(make_settings, core_factory,
     answer = await out.wait()
     assert answer and "cannot be reached" in answer and "\n" not in answer
     await engine.aclose()
+
+
+LONG_CALL = "Sure.\n/calculate 1" + " " * 60_000 + "x\n"  # ChatGLM3 packs 16 spaces in a token
+REFUSED = "Error: the calculate argument is 60,002 characters long; the limit is 500. Write a shorter call."
+
+
+async def test_a_call_with_60000_spaces_is_refused_quickly_scripted(make_settings, core_factory) -> None:
+    # issue 8: this froze the whole process for 60 s, and the request timeout could not fire
+    engine = ScriptedEngine([LONG_CALL, "Please give me a shorter expression."], piece=16, max_context=16384)
+    core = await core_factory(make_settings(max_new_tokens=4096), engine)
+    out = RecordingStream()
+    started = time.perf_counter()
+    await core.dispatcher.handle(incoming("what is 1x?"), out)
+    assert await out.wait() == "Sure.\nPlease give me a shorter expression."
+    assert time.perf_counter() - started < 5  # ~0.3 s here, engine pieces included
+    assert engine.prompts[-1][-1] == ChatMessage("observation", REFUSED, "calculate")
+    assert (await stored(core))[1:3] == [("assistant", "", LONG_CALL), ("tool", "calculate", REFUSED)]
+
+
+async def test_a_call_with_60000_spaces_is_refused_quickly_openai(make_settings, core_factory) -> None:
+    async with FakeOpenAI(replies=[LONG_CALL, "Please give me a shorter expression."], chunk_size=16) as fake:
+        engine = OpenAIEngine(base_url=fake.base_url, model="m", api_key=None, timeout=5)
+        core = await core_factory(make_settings(engine="openai", max_new_tokens=4096), engine)
+        out = RecordingStream()
+        started = time.perf_counter()
+        await core.dispatcher.handle(incoming("what is 1x?"), out)
+        assert await out.wait() == "Sure.\nPlease give me a shorter expression."
+        assert time.perf_counter() - started < 5
+        await engine.aclose()
+    assert fake.requests[1]["messages"][-2:] == [
+        {"role": "assistant", "content": LONG_CALL},
+        {"role": "user", "content": "Tools: " + REFUSED},
+    ]
+    assert all("/calculate" not in text for text in out.of("progress"))
+
+
+async def test_a_server_that_ignores_max_tokens_is_cut_at_the_bound_with_a_note(
+    make_settings, core_factory
+) -> None:
+    # issue 8: a 2 MB stream took 167 s to read and was posted as 37 messages
+    flood = "word " * 400_000
+    async with FakeOpenAI(replies=[flood], chunk_size=2000) as fake:
+        engine = OpenAIEngine(base_url=fake.base_url, model="m", api_key=None, timeout=5)
+        core = await core_factory(make_settings(engine="openai", max_new_tokens=64), engine)
+        out = RecordingStream()
+        started = time.perf_counter()
+        await core.dispatcher.handle(incoming("talk forever"), out)
+        answer = await out.wait()
+        assert time.perf_counter() - started < 5  # ~0.1 s here
+        await engine.aclose()
+    assert fake.requests[0]["max_tokens"] == 64
+    shown = flood[: 64 * MAX_CHARS_PER_TOKEN].strip()
+    assert answer == shown + "\n\n[Cut short: the answer reached its limit of 64 tokens.]"
+    assert out.of("finish") == [answer]
+    assert (await stored(core))[1] == ("assistant", "", flood[: 64 * MAX_CHARS_PER_TOKEN])
+    async with core.db.transaction() as session:
+        request = await crud.get_request(session=session, request_id=1)
+        # stored as delivered: a restart would deliver the same text
+        assert request is not None and request.status == "done" and request.reply_text == answer
+
+
+async def test_a_tool_still_running_when_the_answer_is_stopped_is_abandoned() -> None:
+    finished = asyncio.Event()
+
+    async def slow(arguments: Mapping[str, Any]) -> str:
+        await asyncio.sleep(30)
+        finished.set()
+        return "too late"
+
+    spec = ToolSpec("slow", "takes long", {"type": "object"}, "/slow <x>")
+    tool = Tool(spec=spec, handler=slow, slash_argument="x", timeout=60)
+    engine = ScriptedEngine(["Working on it.\n/slow a\n", "never asked"])
+    loop = ToolLoop(tools={"slow": tool}, max_rounds=2)
+    options = GenerateOptions()
+    asyncio.get_running_loop().call_later(0.2, options.cancel.set)  # the time limit, or /stop
+    started = time.perf_counter()
+    result = await loop.run(await engine.start([ChatMessage("user", "go")]), options=lambda: options)
+    assert time.perf_counter() - started < 2
+    assert [r.observation for r in result.rounds] == [
+        "Error: the answer was stopped before the slow tool finished."
+    ]
+    assert result.visible == "Working on it." and len(engine.prompts) == 1 and not finished.is_set()

@@ -3,7 +3,8 @@
 A tool is a name, a one-line usage for the system prompt, a JSON-schema description for
 models with a native tool format (ChatGLM3), and an async handler that takes the
 call's arguments and returns text. A handler raises `ToolError` for bad input; its
-message goes back to the model as the observation. Tools only ever run on model
+message goes back to the model as the observation. A call whose argument is longer than
+`max_argument_chars` never reaches the handler (the tool loop refuses it). Tools only ever run on model
 output, never on text a user typed.
 """
 
@@ -28,6 +29,8 @@ class Tool:
     #: the argument the slash dialect's text after the command goes into
     slash_argument: str
     timeout: float = 10.0
+    #: longest argument accepted; a longer call is refused before the tool parses anything
+    max_argument_chars: int = 2000
     #: releases what the tool holds (the calculator's worker process); called at shut-down
     close: Callable[[], None] | None = None
 

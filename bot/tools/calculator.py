@@ -48,7 +48,7 @@ from typing import Any
 
 from yanray.bot.errors import ToolError
 from yanray.bot.tools import Tool
-from yanray.bot.tools.calc_rules import CalcError, one_line, validate
+from yanray.bot.tools.calc_rules import MAX_TEXT, CalcError, one_line, validate
 from yanray.engine.base import ToolSpec
 
 logger = logging.getLogger(__name__)
@@ -271,4 +271,6 @@ def calculator_tool(calculator: Calculator | None = None) -> Tool:
         usage="/calculate <expression>",
     )
     owned = calc.close if calculator is None else None
-    return Tool(spec=spec, handler=handler, slash_argument="expression", close=owned)
+    return Tool(
+        spec=spec, handler=handler, slash_argument="expression", close=owned, max_argument_chars=MAX_TEXT
+    )
