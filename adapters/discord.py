@@ -267,7 +267,9 @@ class DiscordAdapter:
         mentioned = any(user.id == me.id for user in message.mentions)
         if not (message.guild is None or mentioned or _replies_to(message, me.id)):
             return None
-        text = re.sub(rf"\s*<@!?{me.id}>\s*", " ", message.content).strip()
+        # the mention and the whitespace around it become one space (split, not a pattern with
+        # `\s*` on both sides: that restarts at every space of a long run, quadratic)
+        text = " ".join(part.strip() for part in re.split(rf"<@!?{me.id}>", message.content)).strip()
         reference = message.reference.message_id if message.reference else None
         return self._make_incoming(
             message.channel.id,
