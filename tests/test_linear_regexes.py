@@ -30,8 +30,6 @@ from re import _constants as sre
 from re import _parser as sre_parse
 from typing import Any
 
-import pytest
-
 from yanray.bot.toolloop import SlashCalls
 
 PACKAGES = ("yanray.bot", "yanray.adapters", "yanray.engine", "yanray.storage")
