@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fakes, run from anywhere
 
@@ -104,6 +105,9 @@ class Stream:
 
     async def fail(self, text: str) -> None:
         await self.finish(text)
+
+    def watch(self, record: Any) -> None:
+        pass  # nothing is shown that a restart would edit
 
 
 async def openai_answer(size: int) -> float:

@@ -52,6 +52,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from yanray.bot.app import Core
 from yanray.bot.settings import Settings
@@ -165,6 +166,9 @@ class TimedStream:
     async def fail(self, text: str) -> None:
         self.problem = f"fail: {text}"
         self.done.set()
+
+    def watch(self, record: Any) -> None:
+        pass  # nothing is shown that a restart would edit
 
 
 @dataclass
