@@ -154,6 +154,8 @@ class StreamContext:
     #: (chat id, user message id) -> the stream answering it, for edits of that message
     replies: OrderedDict[tuple[int, int], TelegramReply] = field(default_factory=OrderedDict)
     live: set[TelegramReply] = field(default_factory=set)
+    #: small tasks that must not be garbage-collected while they run
+    background: set[asyncio.Future[None]] = field(default_factory=set)
     #: False once the adapter stopped: previews stop, final texts raise (the core keeps them)
     running: bool = False
     max_replies: int = 4096
@@ -238,7 +240,8 @@ class TelegramReply:
         self._record = record
 
     async def _report(self) -> None:
-        """Tell the core which messages show this answer now (stored for a restart)."""
+        """Tell the core which messages show this answer now (stored for a restart), when a
+        message was added or deleted."""
         if self._record is not None:
             await self._record(
                 [[mid, digest] for mid, digest in zip(self.messages, self._shown, strict=True)]
@@ -350,6 +353,7 @@ class TelegramReply:
             await self._write_final(text)
 
     async def _write_final(self, text: str) -> None:
+        edited = False
         try:
             parts = self._parts(text)
             for index, part in enumerate(parts):
@@ -359,6 +363,7 @@ class TelegramReply:
                     await self.ctx.throttle.wait(self.chat_id, self.ctx.edit_interval)
                 if index < len(self.messages):
                     await self._edit(index, part)
+                    edited = True
                 else:
                     await self._send_new(part)
             for message_id in self.messages[len(parts) :]:
@@ -371,6 +376,12 @@ class TelegramReply:
             if len(self.messages) > len(parts):
                 del self.messages[len(parts) :], self._shown[len(parts) :]
                 await self._report()
+            elif edited and self._record is not None:
+                # the final text is on the screen: stored in the background (no wait for the
+                # database here), so a restart before `delivered` is stored touches nothing
+                task = asyncio.ensure_future(self._report())
+                self.ctx.background.add(task)
+                task.add_done_callback(self.ctx.background.discard)
         except ChatBlocked:
             self._blocked()
         except (BadRequest, RetryAfter) as exc:
@@ -462,8 +473,9 @@ class TelegramReply:
                 return
             if not _says(exc, "message is not modified"):
                 raise
+        # not reported: after a restart an edit to the same text is "not modified", which is
+        # harmless, so only a change of message ids is worth a database write
         self._shown[index] = _digest(part)
-        await self._report()
 
     async def _draft(self, part: str) -> None:
         def write(text: str, mode: str | None) -> Awaitable[bool]:
