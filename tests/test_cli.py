@@ -22,8 +22,11 @@ def env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return base
 
 
-async def yanray(args: list[str], environ: dict[str, str], stdin: str = "", cwd: Path | None = None):
-    process = await asyncio.create_subprocess_exec(
+async def spawn(
+    args: list[str], environ: dict[str, str], cwd: Path | None = None
+) -> asyncio.subprocess.Process:
+    """`yanray ARGS` as a process with pipes for its standard streams."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "yanray.bot.cli",
@@ -34,7 +37,12 @@ async def yanray(args: list[str], environ: dict[str, str], stdin: str = "", cwd:
         env=environ,
         cwd=cwd,
     )
-    out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
+
+
+async def yanray(args: list[str], environ: dict[str, str], stdin: str | bytes = "", cwd: Path | None = None):
+    process = await spawn(args, environ, cwd)
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    out, err = await asyncio.wait_for(process.communicate(data), 60)
     return process.returncode, out.decode(), err.decode()
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAI
-from tests.test_cli import env, yanray
+from tests.test_cli import env, spawn, yanray
 
 pytestmark = pytest.mark.asyncio
 
@@ -20,17 +19,7 @@ pytestmark = pytest.mark.asyncio
 async def test_a_second_process_on_the_same_database_is_refused(tmp_path: Path) -> None:
     async with FakeOpenAI(replies=["first", "third"]) as fake:
         environ = env(tmp_path, YANRAY_ENGINE="openai", YANRAY_OPENAI_BASE_URL=fake.base_url)
-        first = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "yanray.bot.cli",
-            "chat",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=environ,
-            cwd=tmp_path,
-        )
+        first = await spawn(["chat"], environ, tmp_path)
         assert first.stdin is not None and first.stdout is not None
         try:
             # the first one answers, so it holds the journal
@@ -84,20 +73,9 @@ async def test_a_context_that_cannot_work_is_refused_in_one_line(tmp_path: Path,
 async def test_chat_reads_input_that_is_not_utf8(tmp_path: Path) -> None:
     async with FakeOpenAI(replies=["one", "two"]) as fake:
         environ = env(tmp_path, YANRAY_ENGINE="openai", YANRAY_OPENAI_BASE_URL=fake.base_url)
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "yanray.bot.cli",
-            "chat",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=environ,
-            cwd=tmp_path,
-        )
-        out, err = await asyncio.wait_for(process.communicate(b"caf\xe9 \xff\xfe?\nnext line\n"), 60)
-    assert process.returncode == 0, err.decode()
-    assert out.decode() == "one\n\ntwo\n\n"
+        code, out, err = await yanray(["chat"], environ, b"caf\xe9 \xff\xfe?\nnext line\n", cwd=tmp_path)
+    assert code == 0, err
+    assert out == "one\n\ntwo\n\n"
     asked = [m["content"] for r in fake.requests for m in r["messages"] if m["role"] == "user"]
     assert asked[0] == "caf\ufffd \ufffd\ufffd?" and asked[-1] == "next line"
 

@@ -170,7 +170,8 @@ async def test_an_update_is_confirmed_only_after_its_question_is_stored(
         uid = fake.private_text(ALICE, "keep this")
         try:
             await asyncio.wait_for(storing.wait(), 5)
-            await asyncio.sleep(0.2)  # room for a getUpdates that should not come
+            # while the question is being stored no getUpdates is open, so none can confirm it
+            assert fake.open_polls == 0
             assert all(offset <= uid for offset in fake.polls), "confirmed before it was stored"
             assert [u for u, _ in fake.updates] == [uid]
         finally:
@@ -189,26 +190,28 @@ async def test_stop_lets_the_batch_finish_and_confirms_it(
         release = asyncio.Event()
         handle = bot.adapter.dispatcher.handle
 
+        order: list[str] = []
+
         async def slow_store(incoming: Incoming, out: ReplyStream) -> None:
             storing.set()
             await release.wait()
             await handle(incoming, out)
+            order.append("stored")
 
         bot.adapter.dispatcher.handle = slow_store  # type: ignore[method-assign]
         fake.private_text(ALICE, "asked just before shutdown")
         await asyncio.wait_for(storing.wait(), 5)
         stopping = asyncio.create_task(bot.adapter.stop())
-        try:
-            await asyncio.sleep(0.1)
-            assert not stopping.done(), "stop waits for the handler"
-        finally:
-            release.set()
+        stopping.add_done_callback(lambda _task: order.append("stopped"))
+        await asyncio.sleep(0)  # stop() starts (and would end, if it did not wait) first
+        release.set()
         await asyncio.wait_for(stopping, 5)
+        assert order == ["stored", "stopped"], "stop waits for the handler"
         assert fake.updates == [], "the handled update was confirmed at stop"
         assert await bot.statuses() in ({"queued": 1}, {"running": 1}, {"done": 1})
-    async with running_bot(fake, settings, echo()):
+    async with running_bot(fake, settings, echo()) as bot:
         await fake.wait_for(lambda: fake.messages(ALICE))
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(bot.core.wait_idle(), 5)
     assert fake.messages(ALICE) == ["You said: asked just before shutdown"], "answered once"
 
 

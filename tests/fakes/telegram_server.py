@@ -202,6 +202,8 @@ class FakeTelegram:
         self.updates: list[tuple[int, Any]] = []  # (update_id, what getUpdates returns)
         #: the offset of each getUpdates call, in order
         self.polls: list[int] = []
+        #: getUpdates calls being answered now (a long poll waiting for updates)
+        self.open_polls = 0
         #: called with the update ids a getUpdates confirmed, when that call arrives
         self.confirm_listeners: list[Callable[[list[int]], None]] = []
         self.user_messages: dict[tuple[int, int], dict[str, Any]] = {}
@@ -522,12 +524,16 @@ class FakeTelegram:
             for listener in self.confirm_listeners:
                 listener(confirmed)
         deadline = time.monotonic() + timeout
-        while not self.updates and not self._closing and time.monotonic() < deadline:
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                break
+        self.open_polls += 1
+        try:
+            while not self.updates and not self._closing and time.monotonic() < deadline:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), deadline - time.monotonic())
+                except TimeoutError:
+                    break
+        finally:
+            self.open_polls -= 1
         return [u for _, u in self.updates[:limit]]
 
     def _check_text(self, params: dict[str, Any]) -> tuple[str, str | None, str]:
