@@ -278,7 +278,7 @@ class Dispatcher:
         self, conversation: Conversation, _arg: str, incoming: Incoming, out: ReplyStream
     ) -> None:
         # in a shared conversation a member stops only their own answers; its moderators, all
-        who = f"{incoming.platform}:{incoming.user_id}"
+        who = self._who(incoming)
         asker = who if incoming.shared and not self._moderates(incoming, who) else None
         stopped = await self._cancel(conversation.id, reason="Stopped.", asker=asker)
         if stopped:
