@@ -154,6 +154,9 @@ class TelegramAdapter:
         token = self.settings.secret("telegram_token")
         if not token:
             raise ConfigError("YANRAY_TELEGRAM_TOKEN is not set")
+        # read before the client opens, so a storage failure leaves nothing to close
+        blocked = await self.dispatcher.blocked_chats(self.platform)
+        self.ctx.blocked = {int(chat) for chat in blocked if chat.lstrip("-").isdigit()}
         base_url = self.settings.telegram_base_url
         file_url = base_url[: -len("/bot")] + "/file/bot" if base_url.endswith("/bot") else base_url
         app = (
@@ -169,8 +172,6 @@ class TelegramAdapter:
         app.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self._on_edit))
         app.add_error_handler(self._on_error)
         await app.initialize()  # getMe: a wrong token or base URL fails here
-        blocked = await self.dispatcher.blocked_chats(self.platform)
-        self.ctx.blocked = {int(chat) for chat in blocked if chat.lstrip("-").isdigit()}
         source: UpdatePoller | WebhookServer
         if self.settings.telegram_webhook_url:
             source = WebhookServer(
