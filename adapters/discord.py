@@ -233,7 +233,9 @@ class DiscordAdapter:
             out = old.successor()
         else:
             out = self.reopen({"channel_id": message.channel.id, "message_id": message.id})
-        replaced = await self.dispatcher.handle_edit(incoming, out)
+        # made before the dispatcher decides, so the old stream holds back its last word (the
+        # stored `shown` is not needed: `reopen` finds the earlier reply in the channel history)
+        replaced = await self.dispatcher.handle_edit(incoming, lambda _shown: out)
         if old is not None:
             await old.settle(replaced)
         if replaced:

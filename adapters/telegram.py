@@ -23,9 +23,11 @@ The updates of a batch are handled concurrently across chats but in order within
 (a per-chat lock in the update processor); the next batch waits until the whole batch
 is handled, which is short: a handler stores the question and at most sends a notice.
 Edits of a user's message go to `dispatcher.handle_edit` with a stream that takes over
-the bot's earlier reply, so that reply is edited to the new answer (after a restart the
-link is gone and the new answer comes as a new message). A chat that blocked the bot is
-not written to until a message from it arrives again.
+the bot's earlier reply, so that reply is edited to the new answer: the stream still
+answering it in this run, or after a restart the messages that showed it, which the core
+stored with the request (`ReplyStream.watch`) and hands back to `handle_edit`'s factory. A
+chat that blocked the bot is not written to until a message from it arrives again; the
+core stores the set (`Dispatcher.note_blocked`), read back at start, so a restart keeps it.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class TelegramAdapter:
             edit_interval=settings.telegram_edit_interval,
             draft_interval=draft_interval,
             retry_base=retry_base,
+            store_blocked=self._store_blocked,
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -151,6 +154,9 @@ class TelegramAdapter:
         token = self.settings.secret("telegram_token")
         if not token:
             raise ConfigError("YANRAY_TELEGRAM_TOKEN is not set")
+        # read before the client opens, so a storage failure leaves nothing to close
+        blocked = await self.dispatcher.blocked_chats(self.platform)
+        self.ctx.blocked = {int(chat) for chat in blocked if chat.lstrip("-").isdigit()}
         base_url = self.settings.telegram_base_url
         file_url = base_url[: -len("/bot")] + "/file/bot" if base_url.endswith("/bot") else base_url
         app = (
@@ -220,6 +226,8 @@ class TelegramAdapter:
         self.app, self.ctx.running = None, False
         for stream in list(self.ctx.live):
             stream.abort()
+        if self.ctx.background:  # reports and blocked chats on their way to storage
+            await asyncio.gather(*self.ctx.background, return_exceptions=True)
         await app.shutdown()
 
     async def _process(self, update: Update) -> None:
@@ -233,6 +241,15 @@ class TelegramAdapter:
         logger.error("%s", reason)
         if self.on_fatal is not None:
             self.on_fatal(reason)
+
+    async def _store_blocked(self, chat_id: int, blocked: bool) -> None:
+        try:
+            await self.dispatcher.note_blocked(self.platform, str(chat_id), blocked)
+        except Exception:
+            # the set in memory still holds for this run; only a restart forgets it
+            logger.warning(
+                "chat %s: could not store that it blocked the bot or wrote again", chat_id, exc_info=True
+            )
 
     def reopen(self, route: Route) -> TelegramReply:
         return TelegramReply(
@@ -305,7 +322,9 @@ class TelegramAdapter:
             route=route,
         )
 
-    def _stream(self, incoming: Incoming, takeover: TelegramReply | None = None) -> TelegramReply:
+    def _stream(
+        self, incoming: Incoming, takeover: TelegramReply | None = None, shown: Any = None
+    ) -> TelegramReply:
         return TelegramReply(
             self.ctx,
             chat_id=int(incoming.chat_id),
@@ -313,6 +332,7 @@ class TelegramAdapter:
             private=incoming.is_private,
             thread_id=incoming.route.get("thread_id"),
             takeover=takeover,
+            shown=shown if takeover is None and isinstance(shown, list) else (),
         )
 
     async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -322,7 +342,9 @@ class TelegramAdapter:
         for_us, mention, text = self._for_us(message)
         if not for_us:
             return
-        self.ctx.blocked.discard(message.chat.id)  # they write to us, so they unblocked us
+        if message.chat.id in self.ctx.blocked:  # they write to us, so they unblocked us
+            self.ctx.blocked.discard(message.chat.id)
+            await self._store_blocked(message.chat.id, False)
         if text is None:
             if message.effective_attachment is not None:
                 await self._stream(self._incoming(message, "", mention)).send(NON_TEXT_NOTE)
@@ -352,8 +374,12 @@ class TelegramAdapter:
         if not for_us or text is None:
             return
         incoming = self._incoming(message, text, mention)
+        # the stream answering that message in this run, if any; otherwise (after a restart)
+        # the core hands over what showed the earlier answer
         old = self.ctx.replies.get((message.chat.id, message.message_id))
-        if not await self.dispatcher.handle_edit(incoming, self._stream(incoming, takeover=old)):
+        if not await self.dispatcher.handle_edit(
+            incoming, lambda shown: self._stream(incoming, takeover=old, shown=shown)
+        ):
             logger.debug("edit of message %s in chat %s ignored", message.message_id, message.chat.id)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:

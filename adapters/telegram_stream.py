@@ -18,7 +18,8 @@ How an answer appears:
 
 Faults: `RetryAfter` waits the given time and tries again (previews and final alike,
 so flood control delays a reply but never drops it); network errors, time-outs and
-5xx answers retry with exponential backoff; 403 marks the chat blocked and the stream
+5xx answers retry with exponential backoff; 403 marks the chat blocked (stored through
+`StreamContext.store_blocked`, so a restart does not write there either) and the stream
 stops quietly; any other Telegram error on the final text is logged once with its
 traceback and the user gets a one-line apology. A failed preview is only a warning:
 the final text is still sent. A time-out on `sendMessage` is retried, which can, rarely,
@@ -29,7 +30,8 @@ the worker leaves the stored answer undelivered and the next start sends it.
 
 Where the design is silent: `fail()` after a partial answer keeps the partial text
 and adds the reason below it; a stream that took over an earlier reply (the user
-edited their question) edits that reply's messages and deletes ones no longer needed;
+edited their question) edits that reply's messages and deletes ones no longer needed
+(after a restart there is no earlier stream: the messages it reported, `shown`, stand in);
 group answers reply to the user's message, private ones do not quote.
 """
 
@@ -150,8 +152,12 @@ class StreamContext:
     typing_interval: float = 4.5
     retry_base: float = 0.5
     throttle: Throttle = field(default_factory=Throttle)
+    #: chats that refused the bot's messages; loaded from storage at start
     blocked: set[int] = field(default_factory=set)
-    #: (chat id, user message id) -> the stream answering it, for edits of that message
+    #: stores that a chat blocked the bot (True) or wrote again (False); logs its own failures
+    store_blocked: Callable[[int, bool], Awaitable[None]] | None = None
+    #: (chat id, user message id) -> the stream answering it in this run, for edits of that
+    #: message (one still writing is taken over; after a restart the stored `shown` is used)
     replies: OrderedDict[tuple[int, int], TelegramReply] = field(default_factory=OrderedDict)
     live: set[TelegramReply] = field(default_factory=set)
     #: small tasks that must not be garbage-collected while they run
@@ -291,9 +297,15 @@ class TelegramReply:
                 task.cancel()
 
     def _blocked(self) -> None:
+        self.abort()
+        if self.chat_id in self.ctx.blocked:
+            return
         logger.info("chat %s blocked the bot; not writing to it until it writes again", self.chat_id)
         self.ctx.blocked.add(self.chat_id)
-        self.abort()
+        if self.ctx.store_blocked is not None:
+            task = asyncio.ensure_future(self.ctx.store_blocked(self.chat_id, True))
+            self.ctx.background.add(task)
+            task.add_done_callback(self.ctx.background.discard)
 
     def _bot(self) -> Bot:
         return self.ctx.get_bot()

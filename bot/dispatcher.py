@@ -27,6 +27,7 @@ import logging
 import re
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from typing import Any
 
 from yanray.bot.context import MIN_QUESTION_TOKENS
@@ -136,12 +137,18 @@ class Dispatcher:
             return
         await self._accept(incoming, text, out)
 
-    async def handle_edit(self, incoming: Incoming, out: ReplyStream) -> bool:
+    async def handle_edit(self, incoming: Incoming, answer: Callable[[Any], ReplyStream]) -> bool:
         """The user edited a message: regenerate if it is the conversation's latest question.
 
-        Returns whether `out` now answers the edit (the earlier answer is replaced). An edit
-        counts against the rate limit like a question: past it, the earlier answer is stopped
-        and replaced by the rate-limit line instead of a new answer."""
+        `answer(shown)` makes the stream for the new answer, called once the edit is known to
+        replace an answer: `shown` is what the streams of that question's earlier answer
+        reported showing (`ReplyStream.watch`, stored with the requests), or None. It links
+        the question to its answer on the screen across restarts, so a stream that has no
+        live predecessor to take over edits those messages instead of writing new ones.
+
+        Returns whether the stream now answers the edit (the earlier answer is replaced). An
+        edit counts against the rate limit like a question: past it, the earlier answer is
+        stopped and replaced by the rate-limit line instead of a new answer."""
         who = f"{incoming.platform}:{incoming.user_id}"
         if incoming.message_id is None or not self._allowed(who) or len(incoming.text) > MAX_MESSAGE_CHARS:
             return False
@@ -159,7 +166,9 @@ class Dispatcher:
             if message.turn <= conversation.context_start:
                 return False  # asked before a /reset: that conversation is closed
             old = await crud.latest_request(session=session, conversation_id=conversation.id)
+            shown = await crud.shown_answer(session=session, user_message_id=message.id)
         previous = old.id if old is not None and old.user_message_id == message.id else None
+        out = answer(shown)
         if previous is not None:
             await self._cancel_request(previous, "Replaced by your edited message.")
         if not self._within_rate(who):
@@ -168,6 +177,17 @@ class Dispatcher:
             return True
         await self._ask_again(conversation.id, message.id, previous, incoming, out, text=text)
         return True
+
+    async def blocked_chats(self, platform: str) -> set[str]:
+        """The chats of `platform` that refused the bot's messages (stored, so a restart does
+        not write to them again); an adapter reads them when it starts."""
+        async with self.db.transaction() as session:
+            return await crud.blocked_chats(session=session, platform=platform)
+
+    async def note_blocked(self, platform: str, chat_id: str, blocked: bool) -> None:
+        """Store that a chat refused the bot's messages, or (`blocked` False) wrote again."""
+        async with self.db.transaction() as session:
+            await crud.set_blocked(session=session, platform=platform, chat_id=chat_id, blocked=blocked)
 
     def is_pending(self, out: ReplyStream) -> bool:
         """Whether a request answered through `out` is waiting or being answered."""

@@ -92,7 +92,9 @@ class ReplyStream(Protocol):
         (a notice or a partial answer posted, a part edited); `value` is JSON only the
         adapter reads. It is stored with the request, and after a restart `reopen(route)`
         finds it under `route["shown"]`, so the notice or partial answer already on the
-        screen becomes the answer instead of a new message beside it. A stream whose
+        screen becomes the answer instead of a new message beside it. When the user edits
+        the question, `Dispatcher.handle_edit` hands it to the adapter's stream factory, so
+        the new answer replaces the old one on the screen, restarts included. A stream whose
         platform cannot edit, or finds its earlier messages itself, ignores it."""
         ...
 

@@ -12,6 +12,11 @@ storing it but before delivering; a request left queued or running is generated
 again. The window in which an answer can be delivered twice is the time between the
 platform accepting the final message and the `delivered` flag being committed.
 
+A request left running by two runs that both died while answering it (`Request.attempts`)
+is not started a third time: it probably is what kills the process. `recover` closes it as
+failed and tells the user one line (`INTERRUPTED`). A stop of the process while answering
+(`Core.aclose`) counts as such a death too: storage cannot tell the two apart.
+
 Failures never stop the worker: the engine's, the context check's and unexpected ones
 each close the request as failed and tell the user one line.
 
@@ -60,6 +65,9 @@ PROGRESS_INTERVAL_S = 0.1
 HARD_STOP_GRACE_S = 5.0
 HISTORY_PAGE = 64  # messages read back at first; more only while they all fit the budget
 APOLOGY = "Sorry, something went wrong while answering. Please try again."
+#: runs that may die while answering one request before it is given up at the next start
+MAX_ATTEMPTS = 2
+INTERRUPTED = "Sorry, I stopped twice while answering this, so I gave up on it. Please ask in another way."
 
 
 def to_chat(message: Message) -> ChatMessage:
@@ -221,7 +229,8 @@ class EngineWorker:
         out.watch(functools.partial(self.shown.record, request_id))
 
     async def recover(self) -> int:
-        """Re-queue what a previous run left unanswered; returns how many requests."""
+        """Re-queue what a previous run left unanswered; returns how many requests. A request
+        that runs kept dying on (MAX_ATTEMPTS) is closed as failed instead, with one line."""
         async with self.db.transaction() as session:
             pending = list(await crud.pending_requests(session=session))
         count = 0
@@ -249,7 +258,19 @@ class EngineWorker:
                 )
                 continue
             async with self.db.transaction() as session:
-                await crud.requeue(session=session, request_id=request.id)
+                poisoned = await crud.fail_interrupted(
+                    session=session, request_id=request.id, max_attempts=MAX_ATTEMPTS, error=INTERRUPTED
+                )
+                if not poisoned:
+                    await crud.requeue(session=session, request_id=request.id)
+            if poisoned:
+                logger.error(
+                    "request %d: the process stopped while answering it %d times; closed as failed",
+                    request.id,
+                    request.attempts,
+                )
+                await self._deliver(request.id, out, None, False, INTERRUPTED)
+                continue
             asker = str(request.route.get("asker", ""))
             self.queue.put(Job(request.id, request.conversation_id, out, asker=asker), reserved=False)
             count += 1

@@ -7,6 +7,16 @@ keyword-only functions in `crud`.
 from yanray.storage import crud
 from yanray.storage.db import Database, StorageError
 from yanray.storage.lock import DatabaseLock
-from yanray.storage.models import Conversation, Message, Request, User
+from yanray.storage.models import BlockedChat, Conversation, Message, Request, User
 
-__all__ = ["Conversation", "Database", "DatabaseLock", "Message", "Request", "StorageError", "User", "crud"]
+__all__ = [
+    "BlockedChat",
+    "Conversation",
+    "Database",
+    "DatabaseLock",
+    "Message",
+    "Request",
+    "StorageError",
+    "User",
+    "crud",
+]

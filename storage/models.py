@@ -1,4 +1,5 @@
-"""The tables: users, conversations, messages and requests (the journal of accepted work).
+"""The tables: users, conversations, messages, requests (the journal of accepted work) and
+the chats that blocked the bot.
 
 A conversation is keyed by (platform, chat_id, user_key): `user_key` is the user's id,
 or "" when a group chat shares one conversation. Messages are ordered by `turn` then
@@ -78,7 +79,11 @@ class Message(Base):
 
 class Request(Base):
     __tablename__ = "requests"
-    __table_args__ = (Index("ix_requests_status", "status"),)
+    __table_args__ = (
+        Index("ix_requests_status", "status"),
+        # an edited question finds what showed its answer (`crud.shown_answer`)
+        Index("ix_requests_user_message", "user_message_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
@@ -95,3 +100,14 @@ class Request(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class BlockedChat(Base):
+    """A chat that refused the bot's messages (the user blocked it, or it left the group):
+    nothing is written there until a message arrives from it again, restarts included."""
+
+    __tablename__ = "blocked_chats"
+
+    platform: Mapped[str] = mapped_column(String(32), primary_key=True)
+    chat_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -277,11 +277,11 @@ async def test_edited_latest_question_is_answered_again(make_settings, core_fact
     core = await core_factory(make_settings(tools=[]), engine)
     await (await ask(core, "cats", mid="7")).wait()
     edited = RecordingStream()
-    assert await core.dispatcher.handle_edit(msg("dogs", mid="7"), edited)
+    assert await core.dispatcher.handle_edit(msg("dogs", mid="7"), lambda _shown: edited)
     assert await edited.wait() == "about dogs"
     await (await ask(core, "and?", mid="8")).wait()
     assert [m.content for m in engine.prompts[-1][1:]] == ["dogs", "about dogs", "and?"]
-    assert not await core.dispatcher.handle_edit(msg("birds", mid="7"), RecordingStream())
+    assert not await core.dispatcher.handle_edit(msg("birds", mid="7"), lambda _shown: RecordingStream())
 
 
 async def test_a_long_conversation_is_read_back_whole_when_it_fits(make_settings, core_factory) -> None:
@@ -325,7 +325,7 @@ async def test_an_edit_while_the_answer_is_being_stored_sets_that_answer_aside(
     while not first.of("progress"):
         await asyncio.sleep(0.01)
     edited = RecordingStream()
-    assert await core.dispatcher.handle_edit(msg("dogs", mid="1"), edited)
+    assert await core.dispatcher.handle_edit(msg("dogs", mid="1"), lambda _shown: edited)
     release.set()
     assert await edited.wait() == "about dogs"
     assert "Replaced by your edited message." in (await first.wait() or "")
@@ -410,3 +410,36 @@ async def test_an_engine_that_ignores_the_stop_is_cut_off(make_settings, core_fa
     engine.before_reply = None
     assert await (await ask(core, "again?")).wait() == "Back again."
     hang.set()
+
+
+async def test_a_question_the_process_died_on_twice_is_failed_at_the_third_start(
+    make_settings, core_factory
+) -> None:
+    settings = make_settings(tools=[])
+    engine = ScriptedEngine(responder=lambda m: f"answer to {m[-1].content}")
+    hang = asyncio.Event()
+
+    async def block() -> None:
+        await hang.wait()
+
+    engine.before_reply = block  # type: ignore[assignment]
+    core = await core_factory(settings, engine)
+    await ask(core, "the question that kills")
+    for runs in (1, 2):
+        if runs == 2:  # the second start answers it again
+            core = await core_factory(settings, engine, adapters=(RecordingAdapter("test"),))
+        while len(engine.prompts) < runs:
+            await asyncio.sleep(0.01)
+        await core.aclose()  # the process dies while answering it
+    adapter = RecordingAdapter("test")
+    engine.before_reply = None
+    core = await core_factory(settings, engine, adapters=(adapter,))
+    ((_route, stream),) = adapter.reopened
+    assert await stream.wait() == worker_module.INTERRUPTED
+    assert [kind for kind, _ in stream.events] == ["fail"]
+    assert len(engine.prompts) == 2  # not started a third time
+    await core.wait_idle()
+    assert await statuses(core) == {"failed": 1}
+    # the next question is answered, without the one given up on
+    assert await (await ask(core, "and this one?")).wait() == "answer to and this one?"
+    assert [m.content for m in engine.prompts[-1][1:]] == ["and this one?"]

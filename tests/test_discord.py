@@ -464,3 +464,19 @@ async def test_a_failing_message_gets_an_apology(make_bot, fake: FakeDiscord, ca
     assert [m.content for m in fake.replies_to(mid)] == [APOLOGY]
     logged = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("yanray")]
     assert len(logged) == 1 and "a bug" in str(logged[0].exc_info[1] if logged[0].exc_info else "")
+
+
+async def test_an_edit_after_a_restart_edits_the_earlier_answer(make_bot, fake: FakeDiscord) -> None:
+    engine = ScriptedEngine(responder=lambda m: f"About {m[-1].content.split()[-1]}.")
+    bot = await make_bot(engine=engine)
+    mid = await bot.ask("tell me about cats")
+    assert await bot.answer(mid) == "About cats."
+    (earlier,) = fake.replies_to(mid)
+    await bot.adapter.stop()
+    await bot.core.aclose()
+
+    bot = await make_bot(engine=engine)
+    await fake.edit_user_message(mid, bot.mention("tell me about dogs"), mentions=[fake.bot])
+    await fake.wait_for(lambda: fake.replies_to(mid)[0].content == "About dogs.")
+    await bot.settle()
+    assert [(m.id, m.content) for m in fake.replies_to(mid)] == [(earlier.id, "About dogs.")]

@@ -37,7 +37,7 @@ async def test_edits_count_against_the_rate_limit(make_settings, core_factory) -
     refused = 0
     for i in range(1, 31):
         out = RecordingStream(f"edit {i}")
-        assert await core.dispatcher.handle_edit(msg(f"question {i}", mid="1"), out)
+        assert await core.dispatcher.handle_edit(msg(f"question {i}", mid="1"), lambda _shown, out=out: out)
         answer = await out.wait()
         refused += answer == RATE_LIMITED
     # 1 question + 4 edits fill the minute; the other 26 edits are refused, not generated

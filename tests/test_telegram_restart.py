@@ -4,16 +4,17 @@ visibly complete is not sent again (the real PTB client against the fake Bot API
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 from sqlalchemy import update
 
-from tests.fakes.telegram_harness import running_bot, telegram_settings
+from tests.fakes.telegram_harness import RunningBot, running_bot, telegram_settings
 from tests.fakes.telegram_server import FakeTelegram
 from tests.scripted_engine import ScriptedEngine
 from yanray.bot.settings import Settings
-from yanray.storage import Request
+from yanray.storage import Request, crud
 
 GROUP = -100500
 USERS = (1001, 1002, 1003)
@@ -23,6 +24,11 @@ USERS = (1001, 1002, 1003)
 async def fake() -> AsyncIterator[FakeTelegram]:
     async with FakeTelegram() as server:
         yield server
+
+
+async def blocked(bot: RunningBot) -> set[str]:
+    async with bot.core.db.transaction() as session:
+        return await crud.blocked_chats(session=session, platform="telegram")
 
 
 def answer_for(messages) -> str:
@@ -115,3 +121,55 @@ async def test_an_update_delivered_again_is_answered_once(
         assert await bot.statuses() == {"done": 2}
     assert fake.messages(USERS[0]) == ["Answer to: only once please", "Answer to: and the next one"]
     assert len(engine.prompts) == 2
+
+
+async def test_an_edit_after_a_restart_edits_the_earlier_answer(
+    fake: FakeTelegram, make_settings: Callable[..., Settings]
+) -> None:
+    settings = telegram_settings(fake, make_settings(tools=[]))
+    for chat, say in ((USERS[0], fake.private_text), (GROUP, lambda c, t: fake.group_text(c, USERS[1], t))):
+        async with running_bot(fake, settings, ScriptedEngine(responder=answer_for)) as bot:
+            asked = say(chat, "@yanray_bot about cats" if chat == GROUP else "about cats")
+            await fake.wait_for(lambda c=chat: fake.messages(c) == ["Answer to: about cats"])
+            await fake.wait_for(lambda b=bot: b.core.queue.running is None and not b.core.worker.deliveries)
+        sent = len(fake.calls_of("sendMessage", chat))
+
+        async with running_bot(fake, settings, ScriptedEngine(responder=answer_for)) as bot:
+            fake.edit(chat, asked, "@yanray_bot about dogs" if chat == GROUP else "about dogs")
+            await fake.wait_for(lambda c=chat: fake.messages(c) == ["Answer to: about dogs"])
+            await fake.wait_for(lambda b=bot: b.core.queue.running is None and not b.core.worker.deliveries)
+            assert set(await bot.statuses()) == {"done"}
+        # the earlier answer was edited into the new one: nothing was sent beside it
+        assert len(fake.calls_of("sendMessage", chat)) == sent
+        (answer,) = fake.bot_messages(chat)
+        assert "Answer to: about cats" in answer.history
+
+
+async def test_a_chat_that_blocked_the_bot_stays_unwritten_after_a_restart(
+    fake: FakeTelegram, make_settings: Callable[..., Settings]
+) -> None:
+    alice = USERS[0]
+    settings = telegram_settings(fake, make_settings(tools=[]))
+    stuck = ScriptedEngine(["never"])
+    stuck.before_reply = lambda: asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+    async with running_bot(fake, settings, stuck) as bot:
+        fake.block(alice)
+        fake.private_text(alice, "hello?")
+        await fake.wait_for(lambda: stuck.prompts and alice in bot.adapter.ctx.blocked)
+    # the process stops while the question is being answered: it is answered after the restart
+
+    calls = len(fake.calls)
+    async with running_bot(fake, settings, ScriptedEngine(responder=answer_for)) as bot:
+        assert await blocked(bot) == {str(alice)}
+        await fake.wait_for(
+            lambda: (
+                bot.core.queue.running is None and not len(bot.core.queue) and not bot.core.worker.deliveries
+            )
+        )
+        assert await bot.statuses() == {"done": 1}
+        assert not [c for c in fake.calls[calls:] if c.params.get("chat_id") == alice]
+
+        fake.blocked.discard(alice)  # she unblocks the bot and writes again
+        fake.private_text(alice, "back again")
+        await fake.wait_for(lambda: fake.messages(alice) == ["Answer to: back again"])
+        assert await blocked(bot) == set()
