@@ -14,8 +14,8 @@ platform accepting the final message and the `delivered` flag being committed.
 
 A request left running by two runs that both died while answering it (`Request.attempts`)
 is not started a third time: it probably is what kills the process. `recover` closes it as
-failed and tells the user one line (`INTERRUPTED`). A stop of the process while answering
-(`Core.aclose`) counts as such a death too: storage cannot tell the two apart.
+failed and tells the user one line (`INTERRUPTED`). A graceful stop while answering
+(`Core.aclose`) gives that start back, so only deaths count.
 
 Failures never stop the worker: the engine's, the context check's and unexpected ones
 each close the request as failed and tell the user one line.

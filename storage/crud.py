@@ -189,6 +189,15 @@ async def shown_answer(*, session: AsyncSession, user_message_id: int) -> Any | 
     )
 
 
+async def give_back_attempt(*, session: AsyncSession, request_id: int) -> None:
+    """The process stopped on purpose while answering: that start does not count as a death."""
+    await session.execute(
+        update(Request)
+        .where(Request.id == request_id, Request.status == "running", Request.attempts > 0)
+        .values(attempts=Request.attempts - 1)
+    )
+
+
 async def fail_interrupted(*, session: AsyncSession, request_id: int, max_attempts: int, error: str) -> bool:
     """Close a request left running by a previous run as failed if it was already started
     `max_attempts` times (each of those runs died while answering it); returns whether it was.

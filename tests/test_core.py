@@ -430,7 +430,7 @@ async def test_a_question_the_process_died_on_twice_is_failed_at_the_third_start
             core = await core_factory(settings, engine, adapters=(RecordingAdapter("test"),))
         while len(engine.prompts) < runs:
             await asyncio.sleep(0.01)
-        await core.aclose()  # the process dies while answering it
+        await core.aclose(graceful=False)  # the process dies while answering it
     adapter = RecordingAdapter("test")
     engine.before_reply = None
     core = await core_factory(settings, engine, adapters=(adapter,))
@@ -443,3 +443,27 @@ async def test_a_question_the_process_died_on_twice_is_failed_at_the_third_start
     # the next question is answered, without the one given up on
     assert await (await ask(core, "and this one?")).wait() == "answer to and this one?"
     assert [m.content for m in engine.prompts[-1][1:]] == ["and this one?"]
+
+
+async def test_graceful_stops_do_not_count_as_deaths(make_settings, core_factory) -> None:
+    settings = make_settings(tools=[])
+    engine = ScriptedEngine(responder=lambda m: f"answer to {m[-1].content}")
+    hang = asyncio.Event()
+
+    async def block() -> None:
+        await hang.wait()
+
+    engine.before_reply = block  # type: ignore[assignment]
+    core = await core_factory(settings, engine)
+    await ask(core, "a long question")
+    for runs in (1, 2, 3):  # stopped on purpose (SIGTERM) three times while answering it
+        if runs > 1:
+            core = await core_factory(settings, engine, adapters=(RecordingAdapter("test"),))
+        while len(engine.prompts) < runs:
+            await asyncio.sleep(0.01)
+        await core.aclose()
+    adapter = RecordingAdapter("test")
+    engine.before_reply = None
+    core = await core_factory(settings, engine, adapters=(adapter,))
+    ((_route, stream),) = adapter.reopened
+    assert await stream.wait() == "answer to a long question"
