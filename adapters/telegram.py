@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -203,7 +204,8 @@ class TelegramAdapter:
             if isinstance(exc, OSError):  # only the webhook's listener opens a port
                 where = f"{self.settings.telegram_webhook_listen}:{self.settings.telegram_webhook_port}"
                 raise ConfigError(
-                    f"YANRAY_TELEGRAM_WEBHOOK_PORT: cannot listen on {where} ({exc.strerror or exc}); "
+                    f"YANRAY_TELEGRAM_WEBHOOK_PORT: cannot listen on {where} "
+                    f"({os.strerror(exc.errno) if exc.errno else exc}); "
                     "is another program using it?"
                 ) from exc
             if isinstance(exc, TelegramError):

@@ -71,7 +71,15 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("httpx", "aiosqlite", "discord.client", "discord.gateway", "alembic.runtime.migration"):
+    noisy_loggers = (
+        "httpx",
+        "aiosqlite",
+        "discord.client",
+        "discord.gateway",
+        "telegram.ext.Application",
+        "alembic.runtime.migration",
+    )
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
@@ -222,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     except YanrayError as exc:
         logger.debug("stopped: %s", exc, exc_info=True)
         config = isinstance(exc, ConfigError)
-        print(f"yanray: {'bad setting: ' if config else ''}{exc}", file=sys.stderr)
+        line = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever it quotes
+        print(f"yanray: {'bad setting: ' if config else ''}{line}", file=sys.stderr)
         return 2 if config else 1
     except KeyboardInterrupt:
         with contextlib.suppress(BrokenPipeError):

@@ -8,6 +8,7 @@ traceback is in the log.
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -58,6 +59,25 @@ async def test_the_traceback_is_logged_at_debug(tmp_path: Path) -> None:
     assert err.rstrip("\n").splitlines()[-1].startswith("yanray: The database at postgresql+asyncpg://u@")
 
 
+async def test_a_webhook_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with FakeTelegram() as telegram:
+            environ = env(
+                tmp_path,
+                **OPENAI,
+                YANRAY_TELEGRAM_TOKEN=telegram.token,
+                YANRAY_TELEGRAM_BASE_URL=telegram.base_url,
+                YANRAY_TELEGRAM_WEBHOOK_URL=f"http://127.0.0.1:{port}/hook",
+                YANRAY_TELEGRAM_WEBHOOK_PORT=str(port),
+                YANRAY_TELEGRAM_WEBHOOK_SECRET="s3cret",
+            )
+            code, out, err = await yanray(["run"], environ, cwd=tmp_path)
+    one_line(code, out, err, 2, f"cannot listen on 127.0.0.1:{port}")
+
+
 def _not_a_database(data: Path) -> None:
     data.mkdir()
     (data / "yanray.db").write_bytes(b"this is not SQLite, " * 100)
@@ -86,6 +106,13 @@ CASES = {
         None,
         1,
         "Telegram cannot be reached at http://127.0.0.1:9/bot",
+    ),
+    "discord unreachable": (
+        {"YANRAY_DISCORD_TOKEN": "x", "YANRAY_DISCORD_API_BASE": "http://127.0.0.1:9/api/v10"},
+        "run",
+        None,
+        1,
+        "Discord: could not connect via http://127.0.0.1:9/api/v10",
     ),
     "telegram base url not a url": (
         {"YANRAY_TELEGRAM_TOKEN": "1:x", "YANRAY_TELEGRAM_BASE_URL": "notaurl"},
@@ -168,6 +195,13 @@ CASES = {
         "has Yanray's tables but no schema version",
     ),
     "a locked database": ({}, "chat", "lock", 1, "is already using"),
+    "a model that is not there": (
+        {"YANRAY_ENGINE": "local", "YANRAY_MODEL": "{tmp}/no/such/model"},
+        "chat",
+        None,
+        1,
+        "/no/such/model: no such folder, and not a hub id",
+    ),
 }
 
 
