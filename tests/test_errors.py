@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -240,3 +241,27 @@ async def test_offline_the_default_model_is_refused_at_once(tmp_path: Path) -> N
     elapsed = time.monotonic() - started
     one_line(code, out, err, 1, "yanray: Cannot download THUDM/chatglm3-6b-32k: no network")
     assert elapsed < 15
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 64 KiB tmpfs, all but 4 KiB of it taken: a full disk. Mounting needs root (and a
+    container that allows it); without that the test is skipped, as there is no other
+    honest way to fill a disk."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        (mount / "filler").write_bytes(b"\0" * 60_000)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+async def test_a_full_disk_at_start_is_one_line(tmp_path: Path, full_disk: Path) -> None:
+    environ = env(tmp_path, **OPENAI, YANRAY_DATA_DIR=str(full_disk / "data"))
+    code, out, err = await yanray(["chat"], environ, cwd=tmp_path)
+    one_line(code, out, err, 1, "cannot be opened: database or disk is full")
