@@ -130,6 +130,9 @@ def hub_reachable(timeout: float = REACH_TIMEOUT) -> bool:
 def _hub_list(model_id: str) -> Sequence[str]:
     from huggingface_hub import HfApi
 
+    if not hub_reachable():  # the first call to the hub: find out about the network once
+        raise ConnectionError("the Hugging Face hub cannot be reached")
+
     return HfApi().list_repo_files(model_id)
 
 
@@ -178,18 +181,16 @@ def resolve_model(
     if _is_ready(dst):
         return dst
     src = download_dir(model, data_dir)
-    if list_files is None and not hub_reachable():
-        raise EngineUnavailable(offline_message(model, data_dir))
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    logger.info("first run: downloading %s into %s (only once)", model, src)
     try:
         patterns = weight_patterns((list_files or _hub_list)(model))
+        logger.info("first run: downloading %s into %s (only once)", model, src)
         (download or _hub_download)(model, src, patterns)
     except (RepositoryNotFoundError, GatedRepoError):
         raise EngineUnavailable(f"{model} is not a public model on the Hugging Face hub") from None
     except _network_errors() as exc:
-        logger.info("download of %s failed: %s", model, exc)
+        logger.debug("download of %s failed: %s", model, exc)  # the error says it in one line
         raise EngineUnavailable(offline_message(model, data_dir)) from None
 
     logger.info("quantizing %s to INT8 into %s (only once)", model, dst)
