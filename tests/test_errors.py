@@ -12,7 +12,9 @@ import socket
 import sqlite3
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,15 +81,17 @@ async def test_a_webhook_port_in_use_is_one_line(tmp_path: Path) -> None:
     one_line(code, out, err, 2, f"cannot listen on 127.0.0.1:{port}")
 
 
-def _not_a_database(data: Path) -> None:
-    data.mkdir()
-    (data / "yanray.db").write_bytes(b"this is not SQLite, " * 100)
+async def _not_a_database(tmp: Path) -> None:
+    (tmp / "data").mkdir()
+    (tmp / "data" / "yanray.db").write_bytes(b"this is not SQLite, " * 100)
 
 
-def _drop(sql: str):
-    def prepare(data: Path) -> None:
+def _drop(sql: str) -> Callable[[Path], Awaitable[None]]:
+    async def prepare(tmp: Path) -> None:
         # a real Yanray database first: `yanray chat` with no input creates it and exits
-        db = sqlite3.connect(data / "yanray.db")
+        code, _, err = await yanray(["chat"], env(tmp, **OPENAI), cwd=tmp)
+        assert code == 0, err
+        db = sqlite3.connect(tmp / "data" / "yanray.db")
         db.execute(sql)
         db.commit()
         db.close()
@@ -95,12 +99,16 @@ def _drop(sql: str):
     return prepare
 
 
-def _utf16_toml(cwd: Path) -> None:
-    (cwd / "yanray.toml").write_text("max_new_tokens = 99\n", encoding="utf-16")
+async def _utf16_toml(tmp: Path) -> None:
+    (tmp / "yanray.toml").write_text("max_new_tokens = 99\n", encoding="utf-16")
 
 
-# (setting overrides, prepare the data folder, needs a real database first, exit status, words)
-CASES = {
+async def _a_file(tmp: Path) -> None:
+    (tmp / "file").write_text("x")
+
+
+# (setting overrides, command, what to prepare ("lock": hold the database lock), exit status, words)
+CASES: dict[str, tuple[dict[str, str], str, Any, int, str]] = {
     "telegram unreachable": (
         {"YANRAY_TELEGRAM_TOKEN": "1:x", "YANRAY_TELEGRAM_BASE_URL": "http://127.0.0.1:9/bot"},
         "run",
@@ -160,7 +168,7 @@ CASES = {
     "data dir is a file": (
         {"YANRAY_DATA_DIR": "{tmp}/file"},
         "chat",
-        lambda tmp: (tmp / "file").write_text("x"),
+        _a_file,
         2,
         "/file: is a file, not a folder",
     ),
@@ -179,11 +187,11 @@ CASES = {
         2,
         "YANRAY_DATA_DIR=/sys: cannot be written",
     ),
-    "utf-16 toml": ({}, "chat", "toml", 2, "yanray.toml: not UTF-8 text"),
+    "utf-16 toml": ({}, "chat", _utf16_toml, 2, "yanray.toml: not UTF-8 text"),
     "not a database": (
         {},
         "chat",
-        lambda tmp: _not_a_database(tmp / "data"),
+        _not_a_database,
         1,
         "cannot be opened: file is not a database",
     ),
@@ -212,17 +220,10 @@ async def test_an_expected_failure_at_start_is_one_line(tmp_path: Path, case: st
     environ = env(tmp_path, **OPENAI)
     environ.update({k: v.replace("{tmp}", str(tmp_path)) for k, v in overrides.items()})
     lock = None
-    if prepare == "toml":
-        _utf16_toml(tmp_path)
-    elif prepare == "lock":
+    if prepare == "lock":
         lock = DatabaseLock.acquire((tmp_path / "data" / "yanray.db").resolve())
     elif prepare is not None:
-        if getattr(prepare, "__name__", "") == "prepare":  # needs a real database first
-            code, _, err = await yanray(["chat"], env(tmp_path, **OPENAI), cwd=tmp_path)
-            assert code == 0, err
-            prepare(tmp_path / "data")
-        else:
-            prepare(tmp_path)
+        await prepare(tmp_path)
     try:
         code, out, err = await yanray([command], environ, cwd=tmp_path)
     finally:
