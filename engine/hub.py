@@ -115,9 +115,10 @@ def hub_reachable(timeout: float = REACH_TIMEOUT) -> bool:
     if constants.HF_HUB_OFFLINE:
         return False
     endpoint = urlsplit(constants.ENDPOINT)
-    target = urlsplit(urllib.request.getproxies().get(endpoint.scheme, ""))
-    if not target.hostname:
-        target = endpoint
+    target = endpoint
+    proxy = urlsplit(urllib.request.getproxies().get(endpoint.scheme, ""))
+    if proxy.hostname and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        target = proxy
     try:
         port = target.port or (443 if target.scheme == "https" else 80)
         with socket.create_connection((target.hostname or "", port), timeout=timeout):
@@ -132,7 +133,6 @@ def _hub_list(model_id: str) -> Sequence[str]:
 
     if not hub_reachable():  # the first call to the hub: find out about the network once
         raise ConnectionError("the Hugging Face hub cannot be reached")
-
     return HfApi().list_repo_files(model_id)
 
 

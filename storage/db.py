@@ -7,7 +7,12 @@ both read then write deadlock into "database is locked"; immediate transactions 
 on `busy_timeout` instead. PostgreSQL (asyncpg) needs none of this.
 
 The schema is Alembic's: `Database.open()` upgrades to the newest revision at start-up
-and refuses a database whose revision this Yanray does not know (written by a newer one).
+and refuses a database whose revision this Yanray does not know (written by a newer one),
+one with Yanray's tables but no `alembic_version` (upgrading it would try to create them
+again), and one that lacks a table after the upgrade (dropped by hand): each in one line
+at start, rather than as a failed query at the first message. A URL that no installed
+async driver takes is a `ConfigError`; anything else that stops the database from opening
+(unreachable, not a database, read-only, disk full) is a `StorageError` quoting the driver.
 """
 
 from __future__ import annotations
