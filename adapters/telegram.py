@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -42,14 +43,14 @@ from typing import Any
 
 from telegram import Bot, BotCommand, Message, MessageEntity, Update
 from telegram.constants import ChatMemberStatus, ChatType
-from telegram.error import TelegramError
+from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, BaseUpdateProcessor, ContextTypes, MessageHandler, filters
 
 from yanray.adapters.telegram_stream import StreamContext, TelegramReply
 from yanray.adapters.telegram_updates import POLL_TIMEOUT, UpdatePoller
 from yanray.adapters.telegram_webhook import WebhookServer
 from yanray.bot.dispatcher import COMMANDS, Dispatcher
-from yanray.bot.errors import ConfigError
+from yanray.bot.errors import ConfigError, YanrayError
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming, Route
 
@@ -171,7 +172,7 @@ class TelegramAdapter:
         app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
         app.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self._on_edit))
         app.add_error_handler(self._on_error)
-        await app.initialize()  # getMe: a wrong token or base URL fails here
+        await _initialize(app, base_url)  # getMe: a wrong token or base URL fails here
         source: UpdatePoller | WebhookServer
         if self.settings.telegram_webhook_url:
             source = WebhookServer(
@@ -201,11 +202,20 @@ class TelegramAdapter:
             self.app, self.ctx.running = app, True
             await source.start()
             self._source = source
-        except BaseException:
+        except BaseException as exc:
             self.app, self.ctx.running = None, False
             if app.running:
                 await app.stop()
             await app.shutdown()
+            if isinstance(exc, OSError):  # only the webhook's listener opens a port
+                where = f"{self.settings.telegram_webhook_listen}:{self.settings.telegram_webhook_port}"
+                raise ConfigError(
+                    f"YANRAY_TELEGRAM_WEBHOOK_PORT: cannot listen on {where} "
+                    f"({os.strerror(exc.errno) if exc.errno else exc}); "
+                    "is another program using it?"
+                ) from exc
+            if isinstance(exc, TelegramError):
+                raise YanrayError(f"Telegram refused to start the bot ({exc})") from exc
             raise
         logger.info(
             "Telegram: @%s is %s",
@@ -392,3 +402,19 @@ class TelegramAdapter:
             await context.bot.send_message(chat.id, APOLOGY)
         except TelegramError as exc:
             logger.warning("chat %s: the apology could not be sent: %s", chat.id, exc)
+
+
+async def _initialize(app: Application[Any, Any, Any, Any, Any, Any], base_url: str) -> None:
+    """`app.initialize()` (getMe), its failures as one line each: a refused token is a
+    setting to fix (`ConfigError`), an unreachable server is not."""
+    try:
+        await app.initialize()
+    except InvalidToken as exc:
+        raise ConfigError(
+            "YANRAY_TELEGRAM_TOKEN was refused by Telegram (401 Unauthorized); copy the token "
+            "from @BotFather again"
+        ) from exc
+    except NetworkError as exc:
+        raise YanrayError(f"Telegram cannot be reached at {base_url} ({exc}); check the network") from exc
+    except TelegramError as exc:
+        raise YanrayError(f"Telegram refused to start the bot ({exc})") from exc

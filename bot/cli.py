@@ -2,9 +2,10 @@
 
 Everything is built here once and passed in (settings, engine, core, adapters).
 Logging is configured here, to standard error; standard output carries only the
-conversation. A bad setting or an engine that cannot start ends the program with one
-line on standard error and exit status 2 (settings) or 1 (engine), no traceback; so does
-an adapter that loses its platform for good while `yanray run` runs (exit status 1).
+conversation. Every expected failure (a bad setting, a refused token, an unreachable
+platform, database or engine, an adapter that loses its platform for good while `yanray
+run` runs) is a `YanrayError` and ends the program with one line on standard error and
+exit status 2 (configuration) or 1 (anything else); its traceback is logged at DEBUG.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import contextlib
 import logging
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from yanray.bot.app import Core
-from yanray.bot.errors import AdapterFailed, ConfigError, EngineError, StorageError, YanrayError
+from yanray.bot.errors import AdapterFailed, ConfigError, YanrayError
 from yanray.bot.settings import Settings, load_settings
 from yanray.bot.types import Adapter
 from yanray.engine.base import Engine
@@ -69,7 +71,15 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("httpx", "aiosqlite", "discord.gateway", "alembic.runtime.migration"):
+    noisy_loggers = (
+        "httpx",
+        "aiosqlite",
+        "discord.client",
+        "discord.gateway",
+        "telegram.ext.Application",
+        "alembic.runtime.migration",
+    )
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
@@ -179,18 +189,37 @@ def quantize(src: Path, dst: Path) -> None:
     print(f"INT8 model written to {dst}. Use it with YANRAY_MODEL={dst}")
 
 
+def check_data_dir(settings: Settings) -> None:
+    """Make sure the data folder exists and takes files, when something will write there
+    (the default SQLite database, a downloaded model), so that a wrong YANRAY_DATA_DIR is
+    named at once rather than by whichever part first fails to write."""
+    if settings.database_url and settings.engine != "local":
+        return
+    folder = settings.data_dir
+    where = f"YANRAY_DATA_DIR={folder}"
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{where}: is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".yanray-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{where}: cannot be written ({reason}); choose a folder Yanray may write") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `yanray` command. Every expected failure is a `YanrayError`, caught here once:
+    one line on standard error, exit status 2 for a configuration problem (`ConfigError`)
+    and 1 for any other; the traceback goes to the log at YANRAY_LOG_LEVEL=DEBUG only."""
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"yanray: bad setting: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    try:
+        configure_logging(settings.log_level)
         if args.command == "quantize":
             quantize(args.src, args.dst)
             return 0
+        check_data_dir(settings)
         # one process per SQLite journal, checked before the model loads (which takes a while)
         lock = DatabaseLock.for_url(settings.resolved_database_url)
         try:
@@ -198,12 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if lock is not None:
                 lock.release()
-    except ConfigError as exc:
-        print(f"yanray: bad setting: {exc}", file=sys.stderr)
-        return 2
-    except (EngineError, StorageError, YanrayError) as exc:
-        print(f"yanray: {exc}", file=sys.stderr)
-        return 1
+    except YanrayError as exc:
+        logger.debug("stopped: %s", exc, exc_info=True)
+        config = isinstance(exc, ConfigError)
+        line = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever it quotes
+        print(f"yanray: {'bad setting: ' if config else ''}{line}", file=sys.stderr)
+        return 2 if config else 1
     except KeyboardInterrupt:
         with contextlib.suppress(BrokenPipeError):
             print(file=sys.stderr)

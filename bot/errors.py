@@ -1,15 +1,14 @@
-"""Yanray's error hierarchy: one base, a few meaningful kinds, each with a user-facing line.
+"""The bot layer's errors, under Yanray's one root (`yanray.errors`).
 
 `str(error)` is always a short sentence that can be shown to the user as it is; the
-traceback goes to the log. The engine and storage layers sit below `bot/` and cannot
-import it, so their errors (`EngineError`, `StorageError`) are defined there and
-re-exported here; handle them by those names.
+traceback goes to the log. The root and the kinds the lower layers raise (`YanrayError`,
+`ConfigError`, `EngineError`, `StorageError`) live in `yanray.errors`, below every layer,
+and are re-exported here so the bot and the adapters import all their errors from one place.
 """
 
 from __future__ import annotations
 
-from yanray.engine.base import EngineError, EngineUnavailable
-from yanray.storage.db import StorageError
+from yanray.errors import ConfigError, EngineError, EngineUnavailable, StorageError, YanrayError
 
 __all__ = [
     "AdapterFailed",
@@ -22,14 +21,6 @@ __all__ = [
     "ToolError",
     "YanrayError",
 ]
-
-
-class YanrayError(Exception):
-    """Base of every error Yanray raises on purpose."""
-
-
-class ConfigError(YanrayError):
-    """A setting is wrong; start-up stops with this one line."""
 
 
 class AdapterFailed(YanrayError):

@@ -21,8 +21,9 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -57,6 +58,17 @@ def _split_commas(value: Any) -> Any:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+def _check_url(value: str, schemes: tuple[str, ...]) -> None:
+    """A URL the clients can use: one of `schemes`, a host, a port in range."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError as exc:
+        raise ValueError(f"not a usable URL ({exc})") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"not a URL like {schemes[-1]}://host/path")
 
 
 class Settings(BaseSettings):
@@ -137,6 +149,19 @@ class Settings(BaseSettings):
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
 
+    @field_validator("telegram_base_url", "openai_base_url", "discord_api_base", "telegram_webhook_url")
+    @classmethod
+    def _http_url(cls, value: str, info: ValidationInfo) -> str:
+        if value or info.field_name != "telegram_webhook_url":  # the webhook URL may be empty
+            _check_url(value, ("http", "https"))
+        return value
+
+    @field_validator("discord_gateway_url")
+    @classmethod
+    def _ws_url(cls, value: str) -> str:
+        _check_url(value, ("ws", "wss"))
+        return value
+
     @field_validator("allowed_users", "admins")
     @classmethod
     def _platform_ids(cls, value: list[str]) -> list[str]:
@@ -210,6 +235,8 @@ def _check_toml(path: Path) -> None:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text; save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
     for key in data:

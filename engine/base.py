@@ -29,16 +29,25 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from yanray.errors import EngineError, EngineUnavailable
+
+__all__ = [
+    "ChatMessage",
+    "Engine",
+    "EngineError",
+    "EngineSession",
+    "EngineUnavailable",
+    "FinishReason",
+    "GenerateOptions",
+    "Generation",
+    "Role",
+    "TextCallback",
+    "ToolCall",
+    "ToolSpec",
+]
+
 Role = Literal["system", "user", "assistant", "observation"]
 FinishReason = Literal["stop", "length", "cancelled", "tool_call"]
-
-
-class EngineError(Exception):
-    """The model could not answer this request; `str()` is one line for the user."""
-
-
-class EngineUnavailable(EngineError):
-    """The engine cannot be reached or loaded at all."""
 
 
 @dataclass(frozen=True)

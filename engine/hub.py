@@ -14,7 +14,9 @@
 Only config, tokenizer and weight files are fetched, never the repository's `*.py` remote
 code. When a repository has both `.safetensors` and `.bin` weights, only the safetensors
 are fetched. Without network (or with `HF_HUB_OFFLINE=1`) the error says which files to
-put where and the `yanray quantize` command to run.
+put where and the `yanray quantize` command to run; "without network" is found by one
+TCP connection to the hub's endpoint (`HF_ENDPOINT`, or the proxy for it) before any
+download, so it is said at once rather than after huggingface_hub's retries.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import fnmatch
 import logging
 import re
 import shutil
+import socket
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from yanray.engine.base import EngineUnavailable
 
@@ -42,6 +47,7 @@ SMALL_FILES = [
 ]
 SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
 BIN = ["*.bin", "pytorch_model.bin.index.json"]
+REACH_TIMEOUT = 5.0  # seconds for the one connection that tells whether there is a network
 MODELSCOPE = {"THUDM/chatglm3-6b-32k": "ZhipuAI/chatglm3-6b-32k", "THUDM/chatglm3-6b": "ZhipuAI/chatglm3-6b"}
 
 Download = Callable[[str, Path, list[str]], None]
@@ -100,9 +106,33 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def hub_reachable(timeout: float = REACH_TIMEOUT) -> bool:
+    """Whether the hub (or the proxy in front of it) takes a TCP connection; False at once
+    with `HF_HUB_OFFLINE` set. One quick check instead of huggingface_hub's own retries,
+    which log each failed attempt (twice, through its logger and warnings) for half a minute."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlsplit(constants.ENDPOINT)
+    target = endpoint
+    proxy = urlsplit(urllib.request.getproxies().get(endpoint.scheme, ""))
+    if proxy.hostname and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        target = proxy
+    try:
+        port = target.port or (443 if target.scheme == "https" else 80)
+        with socket.create_connection((target.hostname or "", port), timeout=timeout):
+            return True
+    except (OSError, ValueError) as exc:
+        logger.debug("the hub at %s cannot be reached: %s", constants.ENDPOINT, exc)
+        return False
+
+
 def _hub_list(model_id: str) -> Sequence[str]:
     from huggingface_hub import HfApi
 
+    if not hub_reachable():  # the first call to the hub: find out about the network once
+        raise ConnectionError("the Hugging Face hub cannot be reached")
     return HfApi().list_repo_files(model_id)
 
 
@@ -153,14 +183,14 @@ def resolve_model(
     src = download_dir(model, data_dir)
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    logger.info("first run: downloading %s into %s (only once)", model, src)
     try:
         patterns = weight_patterns((list_files or _hub_list)(model))
+        logger.info("first run: downloading %s into %s (only once)", model, src)
         (download or _hub_download)(model, src, patterns)
     except (RepositoryNotFoundError, GatedRepoError):
         raise EngineUnavailable(f"{model} is not a public model on the Hugging Face hub") from None
     except _network_errors() as exc:
-        logger.info("download of %s failed: %s", model, exc)
+        logger.debug("download of %s failed: %s", model, exc)  # the error says it in one line
         raise EngineUnavailable(offline_message(model, data_dir)) from None
 
     logger.info("quantizing %s to INT8 into %s (only once)", model, dst)

@@ -13,10 +13,10 @@ ruff check .
 ruff format --check .
 # mypy sees the packages under their import names (yanray.bot, ...) through a tree of links.
 mkdir -p build/typecheck/yanray
-for package in bot engine adapters storage; do
+for package in errors bot engine adapters storage; do
   ln -sfn "../../../$package" "build/typecheck/yanray/$package"
 done
-MYPYPATH=build/typecheck mypy -p yanray.bot -p yanray.engine -p yanray.adapters -p yanray.storage
+MYPYPATH=build/typecheck mypy -p yanray.errors -p yanray.bot -p yanray.engine -p yanray.adapters -p yanray.storage
 pytest -q "$@"
 # the storage-heavy tests once more on PostgreSQL, where its server is installed
 bash scripts/postgres-tests.sh

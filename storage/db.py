@@ -7,7 +7,12 @@ both read then write deadlock into "database is locked"; immediate transactions 
 on `busy_timeout` instead. PostgreSQL (asyncpg) needs none of this.
 
 The schema is Alembic's: `Database.open()` upgrades to the newest revision at start-up
-and refuses a database whose revision this Yanray does not know (written by a newer one).
+and refuses a database whose revision this Yanray does not know (written by a newer one),
+one with Yanray's tables but no `alembic_version` (upgrading it would try to create them
+again), and one that lacks a table after the upgrade (dropped by hand): each in one line
+at start, rather than as a failed query at the first message. A URL that no installed
+async driver takes is a `ConfigError`; anything else that stops the database from opening
+(unreachable, not a database, read-only, disk full) is a `StorageError` quoting the driver.
 """
 
 from __future__ import annotations
@@ -23,10 +28,15 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, InvalidRequestError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from yanray.errors import ConfigError, StorageError
+from yanray.storage.models import Base
+
+__all__ = ["Database", "StorageError"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +44,12 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
-class StorageError(Exception):
-    """The database cannot be used; `str()` is one line for the user or the operator."""
+def _shown(url: str) -> str:
+    """`url` with any password hidden, for a message (also when it does not parse)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("@")[-1] if "@" in url else url
 
 
 def _alembic_config() -> Config:
@@ -71,8 +85,28 @@ def _upgrade(connection: Connection, url: str) -> None:
             f"The database at {url} was written by a newer Yanray (schema {current}); "
             "upgrade Yanray or point YANRAY_DATABASE_URL at another database."
         )
+    tables = set(inspect(connection).get_table_names())
+    ours = set(Base.metadata.tables)
+    if current is None and tables & ours:
+        raise StorageError(
+            f"The database at {url} has Yanray's tables but no schema version (alembic_version); "
+            "restore it from a backup or point YANRAY_DATABASE_URL at another database."
+        )
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+    missing = ours - set(inspect(connection).get_table_names())
+    if missing:
+        raise StorageError(
+            f"The database at {url} lacks the table(s) {', '.join(sorted(missing))}; "
+            "restore it from a backup or point YANRAY_DATABASE_URL at another database."
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own words for a failure (`file is not a database`), on one line."""
+    cause = getattr(exc, "orig", None) or exc
+    text = " ".join(str(cause).split())
+    return text or type(cause).__name__
 
 
 class Database:
@@ -87,18 +121,28 @@ class Database:
 
     @classmethod
     async def open(cls, url: str) -> Database:
-        """Connect, apply pending migrations, and return the database ready for use."""
-        parsed = make_url(url)
+        """Connect, apply pending migrations, and return the database ready for use.
+
+        Raises `ConfigError` for a URL no driver here can use, `StorageError` for a
+        database that cannot be reached, read, written or upgraded; one line each.
+        """
+        try:
+            parsed = make_url(url)
+            # Every transaction ends in an explicit commit or rollback, so the pool's extra
+            # rollback when a connection is returned is a wasted round trip.
+            engine = create_async_engine(url, pool_reset_on_return=None)
+        except (ArgumentError, InvalidRequestError, ImportError) as exc:
+            raise ConfigError(
+                f"YANRAY_DATABASE_URL={_shown(url)}: not a database Yanray can use ({_reason(exc)}); "
+                "use sqlite+aiosqlite:///path.db or postgresql+asyncpg://user:pw@host/db"
+            ) from exc
         is_sqlite = parsed.get_backend_name() == "sqlite"
-        if is_sqlite and parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        # Every transaction ends in an explicit commit or rollback, so the pool's extra
-        # rollback when a connection is returned is a wasted round trip.
-        engine = create_async_engine(url, pool_reset_on_return=None)
-        if is_sqlite:
-            _sqlite_pragmas(engine)
         shown = parsed.render_as_string(hide_password=True)
         try:
+            if is_sqlite and parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            if is_sqlite:
+                _sqlite_pragmas(engine)
             async with engine.begin() as conn:
                 await conn.run_sync(_upgrade, shown)
         except StorageError:
@@ -106,8 +150,8 @@ class Database:
             raise
         except (SQLAlchemyError, OSError) as exc:
             await engine.dispose()
-            logger.exception("cannot open the database at %s", shown)
-            raise StorageError(f"The database at {shown} cannot be opened ({type(exc).__name__}).") from exc
+            logger.debug("cannot open the database at %s", shown, exc_info=True)
+            raise StorageError(f"The database at {shown} cannot be opened: {_reason(exc)}.") from exc
         return cls(engine)
 
     @asynccontextmanager
