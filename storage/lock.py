@@ -47,6 +47,8 @@ class DatabaseLock:
             return None  # Database.open() names the bad URL
         if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
             return None
+        if parsed.get_driver_name() != "aiosqlite":
+            return None  # not a URL Yanray can open: Database.open() says so, and no lock file is left
         return cls.acquire(Path(parsed.database).resolve())
 
     @classmethod
