@@ -412,10 +412,11 @@ async def test_an_engine_that_ignores_the_stop_is_cut_off(make_settings, core_fa
     hang.set()
 
 
-async def test_a_question_the_process_died_on_twice_is_failed_at_the_third_start(
-    make_settings, core_factory
-) -> None:
-    settings = make_settings(tools=[])
+async def _stop_while_answering(
+    settings, core_factory, question: str, *, times: int, graceful: bool
+) -> tuple[ScriptedEngine, RecordingStream, Core]:
+    """Ask `question`, stop the core `times` while the engine is answering it (a crash, or a
+    stop on purpose), then start once more; the stream the recovered request answers on."""
     engine = ScriptedEngine(responder=lambda m: f"answer to {m[-1].content}")
     hang = asyncio.Event()
 
@@ -424,17 +425,26 @@ async def test_a_question_the_process_died_on_twice_is_failed_at_the_third_start
 
     engine.before_reply = block  # type: ignore[assignment]
     core = await core_factory(settings, engine)
-    await ask(core, "the question that kills")
-    for runs in (1, 2):
-        if runs == 2:  # the second start answers it again
+    await ask(core, question)
+    for runs in range(1, times + 1):
+        if runs > 1:  # the next start answers it again
             core = await core_factory(settings, engine, adapters=(RecordingAdapter("test"),))
         while len(engine.prompts) < runs:
             await asyncio.sleep(0.01)
-        await core.aclose(graceful=False)  # the process dies while answering it
+        await core.aclose(graceful=graceful)
     adapter = RecordingAdapter("test")
     engine.before_reply = None
     core = await core_factory(settings, engine, adapters=(adapter,))
     ((_route, stream),) = adapter.reopened
+    return engine, stream, core
+
+
+async def test_a_question_the_process_died_on_twice_is_failed_at_the_third_start(
+    make_settings, core_factory
+) -> None:
+    engine, stream, core = await _stop_while_answering(
+        make_settings(tools=[]), core_factory, "the question that kills", times=2, graceful=False
+    )
     assert await stream.wait() == worker_module.INTERRUPTED
     assert [kind for kind, _ in stream.events] == ["fail"]
     assert len(engine.prompts) == 2  # not started a third time
@@ -446,24 +456,8 @@ async def test_a_question_the_process_died_on_twice_is_failed_at_the_third_start
 
 
 async def test_graceful_stops_do_not_count_as_deaths(make_settings, core_factory) -> None:
-    settings = make_settings(tools=[])
-    engine = ScriptedEngine(responder=lambda m: f"answer to {m[-1].content}")
-    hang = asyncio.Event()
-
-    async def block() -> None:
-        await hang.wait()
-
-    engine.before_reply = block  # type: ignore[assignment]
-    core = await core_factory(settings, engine)
-    await ask(core, "a long question")
-    for runs in (1, 2, 3):  # stopped on purpose (SIGTERM) three times while answering it
-        if runs > 1:
-            core = await core_factory(settings, engine, adapters=(RecordingAdapter("test"),))
-        while len(engine.prompts) < runs:
-            await asyncio.sleep(0.01)
-        await core.aclose()
-    adapter = RecordingAdapter("test")
-    engine.before_reply = None
-    core = await core_factory(settings, engine, adapters=(adapter,))
-    ((_route, stream),) = adapter.reopened
+    # stopped on purpose (SIGTERM) three times while answering it
+    _engine, stream, _core = await _stop_while_answering(
+        make_settings(tools=[]), core_factory, "a long question", times=3, graceful=True
+    )
     assert await stream.wait() == "answer to a long question"
