@@ -272,15 +272,12 @@ class DiscordAdapter:
         # the mention and the whitespace around it become one space (split, not a pattern with
         # `\s*` on both sides: that restarts at every space of a long run, quadratic)
         text = " ".join(part.strip() for part in re.split(rf"<@!?{me.id}>", message.content)).strip()
-        reference = message.reference.message_id if message.reference else None
         return self._make_incoming(
             message.channel.id,
             message.author,
             text,
             guild_id=message.guild.id if message.guild else None,
             message_id=message.id,
-            reply_to=reference,
-            mentioned=mentioned,
             moderator=_can_manage_messages(message.channel, message.author),
         )
 
@@ -292,8 +289,6 @@ class DiscordAdapter:
         *,
         guild_id: int | None,
         message_id: int | None,
-        reply_to: int | None = None,
-        mentioned: bool = True,
         moderator: bool = False,
     ) -> Incoming:
         return Incoming(
@@ -303,9 +298,7 @@ class DiscordAdapter:
             display_name=user.display_name,
             text=text,
             message_id=_str(message_id),
-            reply_to=_str(reply_to),
             is_private=guild_id is None,
-            is_mention=mentioned,
             shared=guild_id is not None and self.settings.discord_channel_mode == "shared",
             route={"channel_id": str(channel_id), "message_id": _str(message_id)},
             roles=tuple(str(r.id) for r in getattr(user, "roles", ()) if not r.is_default()),

@@ -273,12 +273,12 @@ class TelegramAdapter:
 
     # -- updates -----------------------------------------------------------------------
 
-    def _for_us(self, message: Message) -> tuple[bool, bool, str | None]:
-        """(addressed to the bot, by mention, the text without the mention)."""
+    def _for_us(self, message: Message) -> tuple[bool, str | None]:
+        """(addressed to the bot, the text without the mention)."""
         text = message.text if message.text is not None else message.caption
         entities = message.entities if message.text is not None else message.caption_entities
         if message.chat.type == ChatType.PRIVATE:
-            return True, False, text
+            return True, text
         bot = self._bot()
         name = f"@{bot.username}".lower()
         spans: list[tuple[int, int]] = []
@@ -302,10 +302,10 @@ class TelegramAdapter:
         replied = message.reply_to_message
         to_bot = replied is not None and replied.from_user is not None and replied.from_user.id == bot.id
         if not spans and not to_bot and not command:
-            return False, False, text
-        return True, bool(spans), _remove_spans(text, spans) if text is not None and spans else text
+            return False, text
+        return True, _remove_spans(text, spans) if text is not None and spans else text
 
-    def _incoming(self, message: Message, text: str, mention: bool) -> Incoming:
+    def _incoming(self, message: Message, text: str) -> Incoming:
         user = message.from_user
         assert user is not None
         private = message.chat.type == ChatType.PRIVATE
@@ -317,7 +317,6 @@ class TelegramAdapter:
         }
         if thread is not None:
             route["thread_id"] = thread
-        replied = message.reply_to_message
         return Incoming(
             platform=self.platform,
             chat_id=str(message.chat.id),
@@ -325,9 +324,7 @@ class TelegramAdapter:
             display_name=user.full_name,
             text=text,
             message_id=str(message.message_id),
-            reply_to=str(replied.message_id) if replied is not None else None,
             is_private=private,
-            is_mention=mention,
             shared=not private and self.settings.telegram_group_mode == "shared",
             route=route,
         )
@@ -349,7 +346,7 @@ class TelegramAdapter:
         message = update.message
         if message is None or message.from_user is None or message.from_user.is_bot:
             return
-        for_us, mention, text = self._for_us(message)
+        for_us, text = self._for_us(message)
         if not for_us:
             return
         if message.chat.id in self.ctx.blocked:  # they write to us, so they unblocked us
@@ -357,9 +354,9 @@ class TelegramAdapter:
             await self._store_blocked(message.chat.id, False)
         if text is None:
             if message.effective_attachment is not None:
-                await self._stream(self._incoming(message, "", mention)).send(NON_TEXT_NOTE)
+                await self._stream(self._incoming(message, "")).send(NON_TEXT_NOTE)
             return  # service messages (members joining, pins...) are not for Yanray
-        incoming = self._incoming(message, text, mention)
+        incoming = self._incoming(message, text)
         if incoming.shared and _MODERATED.match(text):
             incoming = dataclasses.replace(incoming, moderator=await self._moderates(message))
         await self.dispatcher.handle(incoming, self._stream(incoming))
@@ -380,10 +377,10 @@ class TelegramAdapter:
         message = update.edited_message
         if message is None or message.from_user is None or message.from_user.is_bot:
             return
-        for_us, mention, text = self._for_us(message)
+        for_us, text = self._for_us(message)
         if not for_us or text is None:
             return
-        incoming = self._incoming(message, text, mention)
+        incoming = self._incoming(message, text)
         # the stream answering that message in this run, if any; otherwise (after a restart)
         # the core hands over what showed the earlier answer
         old = self.ctx.replies.get((message.chat.id, message.message_id))

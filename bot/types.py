@@ -30,9 +30,7 @@ class Incoming:
     display_name: str
     text: str
     message_id: str | None = None
-    reply_to: str | None = None  # platform id of the message this one replies to
     is_private: bool = True
-    is_mention: bool = False
     #: the whole chat shares one conversation (group "shared" mode) instead of one per user
     shared: bool = False
     #: adapter data needed to answer this message again after a restart
