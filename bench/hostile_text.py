@@ -10,7 +10,7 @@ text that used to be its worst case (issue 8):
 - tool-line scan: a round's text through `_StreamedRound` and the tool loop's `stop_at` in
   16-character pieces (a ChatGLM3 token packs up to 16 spaces), with a `/calculate` line
   holding a long run of spaces, the visible text pulled every 1,000 pieces;
-- RoundText: the same text through the round text both engines use (stop strings, the
+- RoundText: the same text through the round text both engines use (the length cut, the
   trailing-space hold-back), in 16-character pieces;
 - openai answer: the whole path (dispatcher, SQLite, queue, worker, tool loop, OpenAI
   backend over HTTP) for a reply streamed by the fake OpenAI server in 64-character chunks.
@@ -74,7 +74,7 @@ def tool_scan(text: str) -> None:
 
 
 def round_text(text: str) -> None:
-    visible = RoundText(GenerateOptions(stop=["<|user|>", "<|observation|>"]), strip_end=True)
+    visible = RoundText(GenerateOptions(), strip_end=True)
     for index in range(0, len(text), 16):
         visible.add(text[index : index + 16])
         visible.ready()

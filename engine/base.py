@@ -7,16 +7,16 @@ between rounds takes an appended message (a tool's observation). A local session
 its KV cache across rounds, so only the appended tokens are prefilled.
 
 Stops: a round ends at the model's own end of turn, at `max_new_tokens`, when the cancel
-flag is set, when one of the literal `stop` strings appears, or when `stop_at` returns a
-cut position (the tool loop uses this to stop at the end of a `/calculate` line).
+flag is set, or when `stop_at` returns a cut position (the tool loop uses this to stop at
+the end of a `/calculate` line).
 
 `stop_at(piece)` is fed each new piece of the round's text, in order (the pieces so far join
 to the round's text so far), and returns None or an absolute cut offset into the round's
 text (at most its length so far). It is called from the engine's thread and touches nothing
 but its own state; it must do work in proportion to the piece, not to the text so far, so
 that a long reply costs linear time (keep the state it needs, e.g. the current line). A
-fresh `stop_at` is needed for every round. `engine/round_text.py` applies all the stops
-for both backends.
+fresh `stop_at` is needed for every round. `engine/round_text.py` applies it for both
+backends.
 
 Message roles follow ChatGLM3: system, user, assistant, observation. `name` is the
 metadata line: the tool name of an assistant's native tool call, or of an observation.
@@ -79,8 +79,6 @@ class ToolCall:
 class GenerateOptions:
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0 means greedy and deterministic
-    top_p: float = 1.0
-    stop: Sequence[str] = ()
     stop_at: Callable[[str], int | None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 

@@ -11,14 +11,14 @@ Choices where the design is silent:
 - Prompts are prefilled in chunks of `PREFILL_CHUNK` tokens and only the last position's
   logits are computed, so a 32K prompt's activations stay bounded.
 - The token that ends a round by a stop id is not kept (ChatGLM3 history has no end
-  marker; the next block starts with its role id). A token cut by `stop_at`, a stop
-  string, the token limit or cancellation stays in the conversation, unprefilled, so the
+  marker; the next block starts with its role id). A token cut by `stop_at`, the token
+  limit or cancellation stays in the conversation, unprefilled, so the
   cache always matches what the model generated.
 - A failed round (any exception, out of memory included) rolls the session back to where
   the round started (the cache is cropped), so the same session can generate again.
-- The text handed out never runs past a stop: trailing whitespace and anything that could
-  be the start of a `stop` string are held back until decided (`engine/round_text.py`,
-  shared with the openai backend), so the pieces always join to `Generation.text`.
+- The text handed out never runs past a cut: trailing whitespace is held back until decided
+  (`engine/round_text.py`, shared with the openai backend), so the pieces always join to
+  `Generation.text`.
 """
 
 from __future__ import annotations
@@ -90,17 +90,11 @@ def decode_one_token(model: Any, cache: Any, token: int, position: int, device: 
     return out.logits[0, -1].float()
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0, else temperature + nucleus (top_p) sampling."""
+def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0, else temperature sampling."""
     if temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
-    if 0 < top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs[before >= top_p] = 0.0  # keep the smallest set whose mass reaches top_p
-        choice = torch.multinomial(sorted_probs.to("cpu"), 1, generator=generator)
-        return int(order[int(choice)])
     return int(torch.multinomial(probs.to("cpu"), 1, generator=generator))
 
 
@@ -161,7 +155,7 @@ def _round(
             if cancel.is_set():
                 finish = "cancelled"
                 break
-            token = sample(logits, options.temperature, options.top_p, generator)
+            token = sample(logits, options.temperature, generator)
             produced += 1
             if decoder.ends_round(token):
                 finish = "stop"

@@ -18,9 +18,7 @@ Choices where the design is silent:
   because OpenAI-compatible servers have no observation role that all of them accept.
   Roles system, user and assistant map to themselves. `tools` are not sent
   (`native_tools = False`): the bot describes them in the system prompt (slash dialect).
-- Stops: `stop` strings are sent to the server and also checked here (some servers ignore
-  them); text that could be the start of a stop string is held back from `on_text` until it
-  is decided. `stop_at` is fed every piece; at a cut the response is closed, so the server
+- Stops: `stop_at` is fed every piece; at a cut the response is closed, so the server
   stops generating. `max_tokens` is sent, and also enforced here as a character bound
   (`engine/openai_stream.py`), since some servers ignore it. The pieces given to `on_text`
   always join to `text`.
@@ -145,21 +143,6 @@ class OpenAIEngine:
     async def start(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> OpenAISession:
         return OpenAISession(self, messages)
 
-    async def models(self) -> list[str]:
-        """The model ids the server offers (`GET /models`); a start-up check for the CLI."""
-
-        async def fetch() -> Any:
-            async with self._session().get(f"{self.base_url}/models", **self._request_kwargs()) as resp:
-                if resp.status != 200:
-                    raise await self._status_error(resp)
-                return await resp.json(content_type=None)
-
-        payload = await self._guard(fetch(), RoundState())
-        try:
-            return [str(item["id"]) for item in payload["data"]]
-        except (KeyError, TypeError) as exc:
-            raise self._fail("sent a model list Yanray cannot read", exc) from exc
-
     async def aclose(self) -> None:
         if self._owns_http and self._http is not None:
             await self._http.close()
@@ -189,12 +172,8 @@ class OpenAIEngine:
             "messages": to_openai_messages(messages),
             "stream": True,
             "temperature": max(0.0, options.temperature),  # 0 asks the server for greedy decoding
-            "top_p": options.top_p,
             "max_tokens": options.max_new_tokens,
         }
-        stops = [s for s in options.stop if s]
-        if stops:
-            body["stop"] = stops
         return body
 
     async def _stream(

@@ -7,8 +7,7 @@ handling of its own: it raises `MalformedChunk`, `ServerFailed` (an `{"error": .
 or `StreamCut` (no [DONE] and no finish_reason), which `engine/openai.py` turns into
 one-line `EngineError`s.
 
-The stops, the hold-back of text that could be the start of a stop string, and the length
-bound are `engine/round_text.py`'s, as for the local engine, so the pieces given to `on_text`
+The cut at `stop_at` and the length bound are `engine/round_text.py`'s, as for the local engine, so the pieces given to `on_text`
 always join to the round's text. The bound: a server may ignore `max_tokens` (or count
 differently), so a round is also cut, finish "length", after `max_new_tokens *
 MAX_CHARS_PER_TOKEN` characters. No token of ChatGLM3's vocabulary is longer than 16

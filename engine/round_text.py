@@ -1,47 +1,38 @@
-"""One round's text as a backend produces it: stops, the length bound, and what may be shown.
+"""One round's text as a backend produces it: the cut, the length bound, and what may be shown.
 
 Both backends (local and openai) feed the model's text into a `RoundText` one piece at a
-time. It cuts the text at the first `stop` string, at the offset `stop_at` returns, or at a
-character bound (`max_chars`, for a server that ignores `max_tokens`), and hands out only
-text that is decided: an end that could still grow into a stop string, and, where the round's
-end is stripped (the local engine), trailing whitespace, are held back until a later piece
-decides them. So the pieces handed out always join to the final `text`, and text once handed
-out is never taken back (a cut never falls before it).
+time. It cuts the text at the offset `stop_at` returns, or at a character bound
+(`max_chars`, for a server that ignores `max_tokens`), and hands out only text that is
+decided: where the round's end is stripped (the local engine), trailing whitespace is held
+back until a later piece decides it. So the pieces handed out always join to the final
+`text`, and text once handed out is never taken back (a cut never falls before it).
 
-Every call costs time in proportion to the new piece (plus the longest stop string), never
-to the text so far: the text is kept as a list of pieces and joined once, at the end; stop
-strings are looked for only in the window where the new piece could complete one; the
-trailing whitespace run is counted as it grows; `stop_at` is fed each new piece (see
-`engine/base.py`). A model writing 60,000 spaces, or a server streaming megabytes, costs
-linear time.
+Every call costs time in proportion to the new piece, never to the text so far: the text is
+kept as a list of pieces and joined once, at the end; the trailing whitespace run is counted
+as it grows; `stop_at` is fed each new piece (see `engine/base.py`). A model writing 60,000
+spaces, or a server streaming megabytes, costs linear time.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 from yanray.engine.base import FinishReason, GenerateOptions
 
 
 class RoundText:
-    """The text of one round, cut at its stops; `ready()` gives what may be handed out now."""
+    """The text of one round, cut where it ends; `ready()` gives what may be handed out now."""
 
     def __init__(
         self, options: GenerateOptions, *, strip_end: bool = False, max_chars: int | None = None
     ) -> None:
-        self.stops = tuple(s for s in options.stop if s)
         self.stop_at = options.stop_at
         self.strip_end = strip_end
         self.max_chars = max_chars
-        #: why the text was cut ("stop": a stop string or stop_at; "length": max_chars), or None
+        #: why the text was cut ("stop": stop_at; "length": max_chars), or None
         self.cut: FinishReason | None = None
         self.length = 0
         self.sent = 0  # text[:sent] has been handed out
         self._parts: list[str] = []
         self._unsent: list[str] = []  # text[sent:], in pieces
-        self._window = max((len(s) for s in self.stops), default=1) - 1
-        self._stop_chars = frozenset("".join(self.stops))
-        self._tail = ""  # the last `_window` characters: where a stop string can begin
         self._space = 0  # length of the trailing whitespace run
 
     def add(self, piece: str) -> bool:
@@ -49,17 +40,7 @@ class RoundText:
         if not piece or self.cut is not None:
             return self.cut is not None
         before = self.length
-        cut: int | None = None
-        if self.stops:
-            window = self._tail + piece
-            hits = [i for s in self.stops if (i := window.find(s)) != -1]
-            if hits:
-                cut = before - len(self._tail) + min(hits)
-            self._tail = window[max(0, len(window) - self._window) :]
-        if self.stop_at is not None:
-            at = self.stop_at(piece)
-            if at is not None:
-                cut = at if cut is None else min(cut, at)
+        cut = self.stop_at(piece) if self.stop_at is not None else None
         reason: FinishReason = "stop"
         if self.max_chars is not None and before + len(piece) > self.max_chars:
             if cut is None or cut > self.max_chars:
@@ -75,7 +56,8 @@ class RoundText:
         of the round releases what was held back (and strips the end, with `strip_end`)."""
         if final and self.cut is None and self.strip_end and self._space:
             self._truncate(self.length - self._space)
-        end = self.length if final or self.cut is not None else self.length - self._held()
+        held = self._space if self.strip_end else 0
+        end = self.length if final or self.cut is not None else self.length - held
         if end <= self.sent:
             return ""
         unsent = "".join(self._unsent)
@@ -91,12 +73,6 @@ class RoundText:
             self._parts = ["".join(self._parts)]
         return self._parts[0] if self._parts else ""
 
-    def _held(self) -> int:
-        held = self._space if self.strip_end else 0
-        if self._tail and self._tail[-1] in self._stop_chars:  # else no stop can begin at the end
-            held = max(held, held_back(self._tail, self.stops))
-        return held
-
     def _append(self, piece: str) -> None:
         self._parts.append(piece)
         self._unsent.append(piece)
@@ -111,12 +87,3 @@ class RoundText:
         self.length = len(text)
         self._unsent = [text[self.sent :]] if self.length > self.sent else []
         self._space = len(text) - len(text.rstrip())
-        self._tail = text[max(0, len(text) - self._window) :]
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that could still grow into a stop string."""
-    return max(
-        (k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
-        default=0,
-    )

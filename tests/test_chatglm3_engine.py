@@ -160,15 +160,10 @@ async def test_cancelling_the_awaiting_task_stops_the_thread(loop_engine: LocalE
     assert after.finish == "length" and after.new_tokens == 3
 
 
-async def test_length_and_stop_strings_and_stop_at(loop_engine: LocalEngine) -> None:
+async def test_length_and_stop_at(loop_engine: LocalEngine) -> None:
     session = await loop_engine.start(PROMPT)
     limited = await session.generate(GenerateOptions(max_new_tokens=4))
     assert (limited.finish, limited.new_tokens, limited.text) == ("length", 4, "alpha beta")
-
-    session = await loop_engine.start(PROMPT)
-    pieces: list[str] = []
-    cut = await session.generate(GenerateOptions(max_new_tokens=50, stop=[" gam"]), pieces.append)
-    assert (cut.finish, cut.text, "".join(pieces)) == ("stop", "alpha beta", "alpha beta")
 
     seen: list[str] = []
 
@@ -178,7 +173,7 @@ async def test_length_and_stop_strings_and_stop_at(loop_engine: LocalEngine) -> 
         return at + len("gamma") if at >= 0 else None
 
     session = await loop_engine.start(PROMPT)
-    pieces = []
+    pieces: list[str] = []
     cut = await session.generate(GenerateOptions(max_new_tokens=50, stop_at=stop_at), pieces.append)
     assert (cut.finish, cut.text, "".join(pieces)) == ("stop", "alpha beta gamma", "alpha beta gamma")
 
@@ -251,7 +246,7 @@ async def test_a_failed_round_rolls_the_kv_cache_back(tmp_path: Path) -> None:
     await engine.aclose()
 
 
-async def test_sampling_is_seeded_and_top_p_narrows(tmp_path: Path) -> None:
+async def test_sampling_is_seeded(tmp_path: Path) -> None:
     from tests.model_fixtures import chatglm3_config, write_chatglm3_folder
 
     cfg = chatglm3_config()
@@ -267,10 +262,9 @@ async def test_sampling_is_seeded_and_top_p_narrows(tmp_path: Path) -> None:
     from yanray.engine.generate import sample
 
     logits = torch.tensor([0.0, 5.0, 4.9, -1.0])
-    assert sample(logits, 0.0, 1.0, None) == 1
+    assert sample(logits, 0.0, None) == 1
     gen = torch.Generator().manual_seed(0)
-    assert {sample(logits, 1.0, 0.01, gen) for _ in range(20)} == {1}
-    assert {sample(logits, 1.0, 1.0, gen) for _ in range(200)} >= {1, 2}
+    assert {sample(logits, 1.0, gen) for _ in range(200)} >= {1, 2}
 
 
 def test_memory_guard_refuses_before_loading(

@@ -4,15 +4,13 @@ Serves, on 127.0.0.1 and a free port:
 
 - `POST /v1/chat/completions`, streaming (server-sent events: `data: {chunk}` lines whose
   `choices[0].delta.content` carry the reply a few characters at a time, a last chunk with
-  `finish_reason`, then `data: [DONE]`) or not (one `chat.completion` JSON body);
-- `GET /v1/models`.
+  `finish_reason`, then `data: [DONE]`) or not (one `chat.completion` JSON body).
 
 It is scripted, never clever: each request takes the next entry of `replies` (or asks
 `responder(messages)`), and every request body is recorded in `requests`, so a test can
 assert exactly what the model saw. An entry is reply text, or a `Reply` that also scripts a
 fault: an HTTP error with an OpenAI-style JSON body, a connection closed after N chunks, a
-stall (the stream never finishes), or a malformed chunk. Like a real server it honours the
-request's `stop` strings (the reply is cut before the first one, `finish_reason` "stop").
+stall (the stream never finishes), or a malformed chunk.
 
     from tests.fakes.openai_server import FakeOpenAI, Reply
 
@@ -85,7 +83,6 @@ class FakeOpenAI:
         chunk_size: int = 3,
         chunk_delay: float = 0.0,
         delay: float = 0.0,
-        honour_stop: bool = True,
         streaming: bool = True,
     ) -> None:
         self.replies: list[str | Reply] = list(replies)
@@ -95,7 +92,6 @@ class FakeOpenAI:
         self.chunk_size = chunk_size
         self.chunk_delay = chunk_delay
         self.delay = delay
-        self.honour_stop = honour_stop
         self.streaming = streaming  # False: answer one JSON body even when asked to stream
         #: parsed JSON bodies of every POST /v1/chat/completions, in arrival order
         self.requests: list[dict[str, Any]] = []
@@ -119,7 +115,6 @@ class FakeOpenAI:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", self._models)
         # handler_cancellation: a client that leaves mid-stream cancels its handler, so a
         # stalled stream ends with the client instead of holding the server open.
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
@@ -143,13 +138,6 @@ class FakeOpenAI:
 
     # --- handlers -----------------------------------------------------------------------
 
-    async def _models(self, request: web.Request) -> web.Response:
-        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return _error(401, "Incorrect API key provided.")
-        return web.json_response(
-            {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "fake"}]}
-        )
-
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
@@ -166,8 +154,6 @@ class FakeOpenAI:
         if reply.status != 200:
             return _error(reply.status, reply.error or "scripted error")
         text, finish = reply.text, reply.finish_reason
-        if self.honour_stop:
-            text, finish = _apply_stop(text, finish, body.get("stop"))
         if not (body.get("stream") and self.streaming):
             return web.json_response(self._completion(text, finish, body))
         try:
@@ -255,12 +241,6 @@ class FakeOpenAI:
 def _error(status: int, message: str) -> web.Response:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
-
-
-def _apply_stop(text: str, finish: str, stop: object) -> tuple[str, str]:
-    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, list) else []
-    hits = [i for s in stops if s and (i := text.find(s)) != -1]
-    return (text[: min(hits)], "stop") if hits else (text, finish)
 
 
 async def _send(resp: web.StreamResponse, chunk: dict[str, Any]) -> None:
