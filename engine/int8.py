@@ -363,21 +363,6 @@ def _shard_files(folder: Path) -> list[Path]:
     return [folder / name for name in dict.fromkeys(weight_map.values())]
 
 
-def loaded_bytes(folder: Path, dtype: torch.dtype) -> int:
-    """Bytes the folder's weights take once loaded in `dtype` (int8 stays int8), from the headers only."""
-    size = torch.finfo(dtype).bits // 8
-    total = 0
-    for path in _shard_files(Path(folder)):
-        with safe_open(str(path), framework="pt") as reader:
-            for key in reader.keys():
-                part = reader.get_slice(key)
-                count = 1
-                for dim in part.get_shape():
-                    count *= dim
-                total += count * (1 if part.get_dtype() in ("I8", "U8", "BOOL") else size)
-    return total
-
-
 def rebuild_meta_buffers(model: torch.nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (rotary tables) are not in the checkpoint: build them on `device`."""
     for name, module in list(model.named_modules()):

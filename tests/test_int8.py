@@ -34,7 +34,7 @@ from tests.model_fixtures import fixtures_dir, release_folder, tiny_llama_chat
 from yanray.engine import int8_linear
 from yanray.engine.base import EngineUnavailable
 from yanray.engine.generate import decode_one_token, prefill
-from yanray.engine.int8 import MANIFEST, is_int8_folder, load_int8_model, loaded_bytes, quantize_folder
+from yanray.engine.int8 import MANIFEST, is_int8_folder, load_int8_model, quantize_folder
 from yanray.engine.int8_linear import Int8Embedding, Int8Linear, pick_kernel, quantize_rows, set_kernel
 
 LOGIT_BOUND = 0.12
@@ -200,8 +200,6 @@ def test_loading_never_requantizes(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert all(m.weight.dtype == torch.int8 for m in linears)
     assert isinstance(model.get_input_embeddings(), Int8Embedding)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
-    state = model.state_dict()  # persistent tensors only: the rotary table is not counted
-    assert loaded_bytes(folder, torch.float32) == sum(t.numel() * t.element_size() for t in state.values())
 
 
 def test_refuses_a_non_empty_destination_and_cleans_up_a_failed_run(tmp_path: Path) -> None:
