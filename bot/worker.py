@@ -431,7 +431,6 @@ class EngineWorker:
                     turn=turn,
                     tool_name=name,
                     request_id=request_id,
-                    token_count=self.counter.message(ChatMessage("assistant", round_.text, name)),
                 )
             if round_.observation is not None:
                 await crud.add_message(

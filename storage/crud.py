@@ -83,7 +83,6 @@ async def add_message(
     turn: int | None = None,
     user_id: int | None = None,
     tool_name: str = "",
-    token_count: int | None = None,
     request_id: int | None = None,
     external_id: str | None = None,
 ) -> Message:
@@ -95,7 +94,6 @@ async def add_message(
         turn=turn or 0,
         user_id=user_id,
         tool_name=tool_name,
-        token_count=token_count,
         request_id=request_id,
         external_id=external_id,
         superseded=False,
@@ -242,12 +240,8 @@ async def active_requests(*, session: AsyncSession, conversation_id: int) -> Seq
     return result.all()
 
 
-async def latest_request(
-    *, session: AsyncSession, conversation_id: int, statuses: Sequence[str] | None = None
-) -> Request | None:
+async def latest_request(*, session: AsyncSession, conversation_id: int) -> Request | None:
     query = select(Request).where(Request.conversation_id == conversation_id)
-    if statuses is not None:
-        query = query.where(Request.status.in_(statuses))
     return await session.scalar(query.order_by(Request.id.desc()).limit(1))
 
 
@@ -281,7 +275,6 @@ async def restore_message(*, session: AsyncSession, message_id: int, text: str |
     values: dict[str, Any] = {"superseded": False}
     if text is not None:
         values["text"] = text
-        values["token_count"] = None
     await session.execute(update(Message).where(Message.id == message_id).values(**values))
 
 

@@ -18,9 +18,6 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-REQUEST_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-MESSAGE_ROLES = ("system", "user", "assistant", "tool")
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -71,7 +68,6 @@ class Message(Base):
     role: Mapped[str] = mapped_column(String(16))
     text: Mapped[str] = mapped_column(Text)
     tool_name: Mapped[str] = mapped_column(String(64), default="")
-    token_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     external_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     superseded: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
