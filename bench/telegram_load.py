@@ -13,8 +13,10 @@ last answer seen); the p50/p99 latency of one message from the fake receiving th
 message to the fake receiving the answer's final text (with the engine instant this is
 all Yanray's, but with 200 conversations in flight and one engine worker most of it is
 the wait in the queue); and the worker's time per request with the engine's time taken
-out (`EngineWorker.timings`: storage, tool loop, delivery), which is what bounds the
-throughput. Checked: every message answered exactly once (each chat shows exactly its 5
+out (storage, tool loop, delivery), which is what bounds the throughput. The bench times
+it itself: around the worker's `process` and around each of the engine's `generate`
+rounds (one worker answers one request at a time, so the engine time between a request's
+start and end is its own). Checked: every message answered exactly once (each chat shows exactly its 5
 answers, in order, nothing twice, nothing lost) and every request `done` in storage.
 
 Settings are the defaults except the rate limit (off: one user's 5 messages are not a
@@ -34,15 +36,18 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fakes / tests.scripted_engine
 
 from tests.fakes.telegram_harness import running_bot, telegram_settings
 from tests.fakes.telegram_server import FakeTelegram, SentMessage
-from tests.scripted_engine import ScriptedEngine
+from tests.scripted_engine import ScriptedEngine, ScriptedSession
+from yanray.bot.queue import Job
 from yanray.bot.settings import Settings
-from yanray.engine.base import ChatMessage
+from yanray.bot.worker import EngineWorker
+from yanray.engine.base import ChatMessage, GenerateOptions, Generation, TextCallback, ToolSpec
 
 FIRST_USER = 10_000
 
@@ -52,12 +57,48 @@ def answer_to(messages: list[ChatMessage]) -> str:
     return f"echo {question}"
 
 
+class ClockedEngine(ScriptedEngine):
+    """The scripted engine, adding up the time its sessions spend in `generate`."""
+
+    spent = 0.0
+
+    async def start(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> ScriptedSession:
+        session = await super().start(messages, tools)
+        generate = session.generate
+
+        async def timed(options: GenerateOptions, on_text: TextCallback | None = None) -> Generation:
+            began = time.perf_counter()
+            try:
+                return await generate(options, on_text)
+            finally:
+                self.spent += time.perf_counter() - began
+
+        session.generate = timed  # type: ignore[method-assign]
+        return session
+
+
+def time_requests(worker: EngineWorker, engine: ClockedEngine) -> list[tuple[float, float]]:
+    """(engine seconds, whole-request seconds) of every request the worker answers from now on."""
+    timings: list[tuple[float, float]] = []
+    process = worker.process
+
+    async def timed(job: Job) -> None:
+        engine_before, started = engine.spent, time.perf_counter()
+        try:
+            await process(job)
+        finally:
+            timings.append((engine.spent - engine_before, time.perf_counter() - started))
+
+    worker.process = timed  # type: ignore[method-assign]
+    return timings
+
+
 async def run(users: int, per_user: int, edit_interval: float) -> int:
     async with FakeTelegram() as fake:
         with tempfile.TemporaryDirectory() as folder:
             base = Settings(data_dir=Path(folder), rate_limit_per_minute=0, queue_max=users * per_user)
             settings = telegram_settings(fake, base, telegram_edit_interval=edit_interval)
-            engine = ScriptedEngine(responder=answer_to, piece=10_000)
+            engine = ClockedEngine(responder=answer_to, piece=10_000)
             waiting: dict[tuple[int, str], tuple[float, asyncio.Future[float]]] = {}
 
             def seen(message: SentMessage) -> None:
@@ -77,12 +118,12 @@ async def run(users: int, per_user: int, edit_interval: float) -> int:
                     latencies.append(await asyncio.wait_for(done, 120))
 
             async with running_bot(fake, settings, engine, draft_interval=1.0, retry_base=0.5) as bot:
+                timings = time_requests(bot.core.worker, engine)
                 started = time.perf_counter()
                 await asyncio.gather(*(user(FIRST_USER + i) for i in range(users)))
                 wall = time.perf_counter() - started
                 await asyncio.sleep(0.5)  # anything sent twice would show up now
                 statuses = await bot.statuses()
-                timings = list(bot.core.worker.timings)
 
             total = users * per_user
             problems = []

@@ -35,8 +35,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,7 +56,6 @@ PROMPT_ROLE: dict[str, Role] = {
     "tool": "observation",
     "system": "system",
 }
-TIMINGS_KEPT = 10_000
 PROGRESS_INTERVAL_S = 0.1
 #: after the time limit the answer is stopped through its cancel flag (the engine stops within a
 #: token, a running tool is abandoned); an engine that does not react by then is cut off here
@@ -179,9 +176,6 @@ class EngineWorker:
         self.idle.set()
         #: final answers on their way to the platforms
         self.deliveries: set[asyncio.Task[None]] = set()
-        #: (engine seconds, whole-request seconds) of the latest requests, for the benchmarks;
-        #: bounded, since a bot runs for months
-        self.timings: deque[tuple[float, float]] = deque(maxlen=TIMINGS_KEPT)
 
     async def run(self) -> None:
         """Answer jobs forever, one at a time."""
@@ -279,7 +273,6 @@ class EngineWorker:
         return count
 
     async def process(self, job: Job) -> None:
-        started = time.perf_counter()
         async with self.db.transaction() as session:
             request = await crud.start_request(session=session, request_id=job.request_id)
             if request is None:
@@ -293,7 +286,6 @@ class EngineWorker:
             await job.out.started()
         except Exception:  # showing "typing" is cosmetic; the answer still goes out
             logger.exception("request %d: the platform refused the typing notice", job.request_id)
-        engine_time = 0.0
         limit = self.settings.request_timeout
         timed_out = False
 
@@ -307,12 +299,10 @@ class EngineWorker:
         timer = asyncio.get_running_loop().call_later(limit, deadline)
         try:
             async with asyncio.timeout(limit + HARD_STOP_GRACE_S):
-                engine_started = time.perf_counter()
                 try:
                     result = await self._generate(job, base_prompt, [to_chat(m) for m in history])
                 finally:
                     timer.cancel()  # storing and delivering are not part of the answer's time
-                engine_time = time.perf_counter() - engine_started
         except ContextTooLong as exc:
             await self._close(job, "failed", error=str(exc))
         except TimeoutError:
@@ -339,7 +329,6 @@ class EngineWorker:
                 await self._close(job, "done", rounds=result, turn=turn, note=note)
             else:
                 await self._close(job, "done", rounds=result, turn=turn)
-        self.timings.append((engine_time, time.perf_counter() - started))
 
     async def _load_history(self, session: Any, conversation: Conversation, turn: int) -> list[Message]:
         """The newest messages of the context, enough to fill the token budget (or all of them):
