@@ -38,8 +38,7 @@ from typing import Any
 
 from yanray.bot.errors import ToolError
 from yanray.bot.tools import Tool
-from yanray.engine.base import ChatMessage, EngineSession, GenerateOptions, Generation, ToolCall
-from yanray.engine.native_tools import tool_call_content
+from yanray.engine.base import ChatMessage, EngineSession, GenerateOptions, Generation
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +209,7 @@ class ToolLoop:
                 result.rounds.append(Round(text=generation.text))
                 shown.append(self._strip_calls(generation.text))
                 break
-            name, arguments, native = call
+            name, arguments, stored = call
             if calls >= self.max_rounds:
                 # past the limit: the model is told once, then answers without tools
                 observation, told = NO_MORE_TOOLS, True
@@ -222,7 +221,7 @@ class ToolLoop:
                 else:
                     observation = cache[key] = await self._run_tool(name, arguments, opts.cancel)
                 calls += 1
-            self._record(result, shown, generation, name, arguments, observation, native)
+            self._record(result, shown, generation, name, observation, stored)
             await session.append(ChatMessage("observation", observation, name))
             if generation.finish == "cancelled" or opts.cancel.is_set():
                 break
@@ -238,26 +237,27 @@ class ToolLoop:
         shown: list[str],
         generation: Generation,
         name: str,
-        arguments: Mapping[str, Any],
         observation: str,
-        native: bool,
+        stored: str | None,
     ) -> None:
-        if not native:
+        """Keep the round; `stored` is a native call's stored form (None for a slash call)."""
+        if stored is None:
             result.rounds.append(Round(text=generation.text, tool_name=name, observation=observation))
             shown.append(self._strip_calls(generation.text))
             return
         # text the model wrote before its call block is an ordinary, visible round; the call is
-        # stored in ChatGLM3's own form, so the history re-encodes it as the model wrote it
+        # stored in the form the engine handed back, so the history re-encodes it as the model
+        # wrote it
         if generation.text:
             result.rounds.append(Round(text=generation.text))
             shown.append(generation.text.rstrip() + "\n\n")
-        call_text = tool_call_content(ToolCall(name, arguments))
-        result.rounds.append(Round(text=call_text, tool_name=name, observation=observation, native=True))
+        result.rounds.append(Round(text=stored, tool_name=name, observation=observation, native=True))
 
-    def _find_call(self, generation: Generation) -> tuple[str, Mapping[str, Any], bool] | None:
+    def _find_call(self, generation: Generation) -> tuple[str, Mapping[str, Any], str | None] | None:
+        """(tool name, arguments, a native call's stored form or None) of the round's call."""
         if generation.tool_call is not None:
             call = generation.tool_call
-            return call.name, call.arguments, True
+            return call.name, call.arguments, call.stored
         if self._calls is None or generation.finish not in ("stop", "length"):
             return None
         # the call line the round ends with is the one the model stopped at
@@ -265,7 +265,7 @@ class ToolLoop:
         if found is None:
             return None
         tool = self.tools[found[0]]
-        return tool.name, {tool.slash_argument: found[1]}, False
+        return tool.name, {tool.slash_argument: found[1]}, None
 
     async def _run_tool(self, name: str, arguments: Mapping[str, Any], cancel: threading.Event) -> str:
         tool = self.tools.get(name)

@@ -69,10 +69,15 @@ class ToolSpec:
 
 @dataclass(frozen=True)
 class ToolCall:
-    """A tool call the engine recognised in the model's own dialect (ChatGLM3 native)."""
+    """A tool call the engine recognised in the model's own dialect (ChatGLM3 native).
+
+    `stored` is the call as the conversation keeps it: the content of an assistant message
+    whose `name` is the tool's, which the engine encodes back as the model's own call. Only
+    the engine knows its model's dialect, so the tool loop stores this text as it is."""
 
     name: str
     arguments: Mapping[str, Any]
+    stored: str
 
 
 @dataclass

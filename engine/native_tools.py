@@ -114,16 +114,16 @@ def parse_tool_call(metadata: str, content: str) -> ToolCall:
         except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             raise ToolCallError(f"argument {keyword.arg!r} is not a literal value") from None
         arguments[keyword.arg] = _json_value(value, f"argument {keyword.arg!r}")
-    return ToolCall(name=name, arguments=arguments)
+    return ToolCall(name=name, arguments=arguments, stored=tool_call_content(arguments))
 
 
-def tool_call_content(call: ToolCall) -> str:
-    """The block content ChatGLM3 writes for `call` (to store the call in a conversation).
+def tool_call_content(arguments: Mapping[str, Any]) -> str:
+    """The block content ChatGLM3 writes for a call with `arguments` (`ToolCall.stored`).
 
     Values are written as JSON literals, which Python (and this parser) read back the same,
     except true/false/null, which are written as Python's True/False/None.
     """
-    parts = [f"{key}={_py_literal(value)}" for key, value in call.arguments.items()]
+    parts = [f"{key}={_py_literal(value)}" for key, value in arguments.items()]
     return "```python\ntool_call(" + ", ".join(parts) + ")\n```"
 
 

@@ -100,7 +100,9 @@ async def test_native_tool_call_and_kv_reuse(tool_engine: LocalEngine, tok: Chat
     pieces: list[str] = []
     first = await session.generate(GenerateOptions(max_new_tokens=64), pieces.append)
     assert first.finish == "tool_call" and first.text == "" and pieces == []
-    assert first.tool_call == ToolCall("calculate", {"expression": "6*7"})
+    assert first.tool_call == ToolCall(
+        "calculate", {"expression": "6*7"}, stored='```python\ntool_call(expression="6*7")\n```'
+    )
     assert (
         first.prompt_tokens
         == tool_engine.count_tokens(PROMPT, [CALC])

@@ -154,7 +154,11 @@ async def test_native_tool_call_is_answered_with_an_observation() -> None:
     handler = Counting()
     session = NativeSession(
         [
-            Generation("Let me count.", "tool_call", ToolCall("count", {"x": "a"})),
+            Generation(
+                "Let me count.",
+                "tool_call",
+                ToolCall("count", {"x": "a"}, stored='```python\ntool_call(x="a")\n```'),
+            ),
             Generation("The count is 1.", "stop"),
         ]
     )
