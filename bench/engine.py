@@ -125,7 +125,7 @@ def predicted_ratio(cfg: dict[str, Any], *, keep_16bit_outer: bool) -> float:
     """INT8 weight bytes / fp16 bytes for a ChatGLM3 shape, from the quantization plan alone."""
     from transformers import GlmForCausalLM
 
-    from yanray.engine.chatglm3 import glm_config
+    from yanray.engine.chatglm3.weights import glm_config
     from yanray.engine.int8 import plan_modules
 
     config = glm_config(cfg)
@@ -174,7 +174,7 @@ def _timed_load(fn: Any) -> float:
 
 
 def bench_size_and_load(work: Path) -> None:
-    from yanray.engine.chatglm3 import load_glm_model
+    from yanray.engine.chatglm3.weights import load_glm_model
     from yanray.engine.int8 import load_int8_model, quantize_folder
 
     cfg = {**CHATGLM3_6B_32K, **MID_SIZE}

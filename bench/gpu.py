@@ -63,7 +63,7 @@ def random_int8_model(cfg: dict[str, Any], *, device: torch.device, dtype: torch
     """A ChatGLM3-shaped GlmForCausalLM with random INT8 weights made on `device`."""
     from transformers import GlmForCausalLM
 
-    from yanray.engine.chatglm3 import glm_config
+    from yanray.engine.chatglm3.weights import glm_config
     from yanray.engine.int8 import plan_modules, rebuild_meta_buffers
     from yanray.engine.int8_linear import QMAX, convert_for_runtime, pick_kernel, set_kernel
 

@@ -1,22 +1,8 @@
 """Chat formats: how messages become prompt ids, and how a round's ids become text or a tool call.
 
-`ChatGLM3Format` encodes with `engine/tokenizer.py` and reads ChatGLM3 replies: after
-`<|assistant|>` the model writes a metadata line itself. An empty line means an answer
-(leading whitespace stripped, as the reference `chat()` strips); a tool name followed by a
-`tool_call(...)` block means a native tool call, which is never streamed and is parsed
-with `engine/native_tools.py` when the round ends. A new `<|assistant|>` inside a reply
-starts a new block (ChatGLM3 writes "thinking" text and then the call). Role ids, the
-metadata line and padding ids never reach the text.
-
-Choices where the reference is silent:
-
-- a first line that is neither empty nor tool-name-like, or no newline within 64
-  characters, is taken as answer text (the reference would fail on it);
-- a tool-call block that does not parse (`ToolCallError`, e.g. `tool_call(x=__import__('os'))`)
-  is treated as text: its content is shown as the answer, and no tool runs. The
-  `Generation` carries no half-parsed call that the tool loop could misuse;
-- an appended message becomes `block + <|assistant|>` after the kept tokens, so a tool round
-  prefills only the observation's tokens.
+`ChatFormat` and `ReplyDecoder` are what the local engine (`engine/generate.py`,
+`engine/local.py`) needs of a model's prompt format. ChatGLM3's own format, with its native
+tool calls, is `engine/chatglm3/prompt.py`; this module keeps what any model uses.
 
 `TemplateFormat` serves any transformers chat model through its tokenizer's chat template
 (rendered with `sanitize_control_tokens=True`, so user text cannot write the template's
@@ -34,12 +20,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from yanray.engine.base import ChatMessage, EngineError, ToolCall, ToolSpec
-from yanray.engine.native_tools import ToolCallError, is_tool_name, parse_tool_call
-from yanray.engine.tokenizer import ASSISTANT, STOP_IDS, SYSTEM, ChatGLM3Tokenizer, Utf8Stream
 
 logger = logging.getLogger(__name__)
-
-MAX_METADATA_CHARS = 64
 
 
 class ReplyDecoder(Protocol):
@@ -74,7 +56,7 @@ class ChatFormat(Protocol):
     def reply_decoder(self, prompt: Sequence[int]) -> ReplyDecoder: ...
 
 
-class _Answer:
+class AnswerText:
     """Answer text of one reply: strips each block's leading whitespace, separates blocks."""
 
     def __init__(self) -> None:
@@ -96,88 +78,6 @@ class _Answer:
         return text
 
 
-class ChatGLM3ReplyDecoder:
-    def __init__(self, tokenizer: ChatGLM3Tokenizer, *, in_metadata: bool) -> None:
-        self.tokenizer = tokenizer
-        self.phase = "metadata" if in_metadata else "answer"
-        self.stream = Utf8Stream()
-        self.metadata = ""
-        self.call_parts: list[str] = []  # a call block's text, joined once when the round ends
-        self.answer = _Answer()
-        self.answer.block_start = in_metadata
-
-    def ends_round(self, token: int) -> bool:
-        if token in STOP_IDS:
-            return True
-        # a call block is over when the model opens another block
-        return self.phase == "call" and token in (ASSISTANT, SYSTEM)
-
-    def feed(self, token: int) -> str:
-        if token == ASSISTANT:
-            tail = self._text(self.stream.flush())
-            self.stream = Utf8Stream()
-            self.phase, self.metadata = "metadata", ""
-            self.answer.new_block()
-            return tail
-        return self._text(self.stream.feed(self.tokenizer.id_bytes(token)))
-
-    def _text(self, text: str) -> str:
-        if self.phase == "answer":
-            return self.answer.add(text)
-        if self.phase == "call":
-            self.call_parts.append(text)
-            return ""
-        self.metadata += text
-        line, newline, rest = self.metadata.partition("\n")
-        if newline:
-            if not line.strip():
-                self.phase = "answer"
-                return self.answer.add(rest)
-            if is_tool_name(line):
-                self.phase, self.metadata, self.call_parts = "call", line.strip(), [rest]
-                return ""
-        if newline or len(self.metadata) > MAX_METADATA_CHARS:
-            self.phase = "answer"
-            return self.answer.add(self.metadata)
-        return ""
-
-    def finish(self, complete: bool) -> tuple[str, ToolCall | None]:
-        tail = self._text(self.stream.flush())
-        if self.phase == "metadata":  # the reply never finished its first line
-            return tail + self.answer.add(self.metadata), None
-        if self.phase != "call" or not complete:
-            return tail, None
-        call_text = "".join(self.call_parts)
-        try:
-            return tail, parse_tool_call(self.metadata, call_text)
-        except ToolCallError as exc:
-            logger.warning("the model's %r tool call was refused (%s); shown as text", self.metadata, exc)
-            self.answer.new_block()
-            return tail + self.answer.add(call_text.strip()), None
-
-
-class ChatGLM3Format:
-    native_tools = True
-
-    def __init__(self, tokenizer: ChatGLM3Tokenizer) -> None:
-        self.tokenizer = tokenizer
-
-    def prompt_ids(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
-        return self.tokenizer.encode_prompt(messages, tools)
-
-    def continuation(
-        self,
-        tokens: Sequence[int],
-        transcript: Sequence[ChatMessage],
-        message: ChatMessage,
-        tools: Sequence[ToolSpec],
-    ) -> tuple[int, list[int]]:
-        return len(tokens), self.tokenizer.encode_append(message)
-
-    def reply_decoder(self, prompt: Sequence[int]) -> ReplyDecoder:
-        return ChatGLM3ReplyDecoder(self.tokenizer, in_metadata=bool(prompt) and prompt[-1] == ASSISTANT)
-
-
 class TemplateReplyDecoder:
     """Incremental detokenizer: emit the new suffix once it no longer ends in U+FFFD."""
 
@@ -186,7 +86,7 @@ class TemplateReplyDecoder:
         self.ids: list[int] = []
         self.prefix = 0  # start of the window decoded for context
         self.read = 0  # end of what has been emitted
-        self.answer = _Answer()
+        self.answer = AnswerText()
 
     def ends_round(self, token: int) -> bool:
         return token in self.fmt.stop_ids

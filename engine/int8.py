@@ -13,7 +13,7 @@ The folder (format version 1):
 - `yanray-int8.json`: `format` "yanray-int8", `format_version`, `arch` ("chatglm3" or
   "transformers"), the module names quantized as Linear / as Embedding, the source;
 - `config.json`: the source's own config, unchanged (a ChatGLM3 config is turned into a
-  `GlmConfig` at load by `engine/chatglm3.py`, the one home of that mapping);
+  `GlmConfig` at load by `engine/chatglm3/weights.py`, the one home of that mapping);
 - `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`: for a quantized
   module `M`, `M.weight` (int8, (out, in)) and `M.weight_scale` (float32, (out,)); every
   other tensor under the transformers name, 16-bit (fp16, bf16 where fp16 would overflow);
@@ -144,7 +144,7 @@ def _meta_model(cfg: dict[str, Any], folder: Path) -> tuple[Any, Any, str]:
     """(model on the meta device, its transformers config, arch) for a source config."""
     from transformers import AutoConfig, AutoModelForCausalLM, GlmForCausalLM
 
-    from yanray.engine.chatglm3 import glm_config, is_chatglm3_config
+    from yanray.engine.chatglm3.weights import glm_config, is_chatglm3_config
 
     if is_chatglm3_config(cfg):
         config: Any = glm_config(cfg)
@@ -173,7 +173,7 @@ def plan_modules(model: Any, config: Any, *, keep_16bit_outer: bool) -> tuple[li
 
 def _source_tensors(src: Path, cfg: dict[str, Any], arch: str) -> Iterator[tuple[int, str, torch.Tensor]]:
     """(source bytes, transformers name, tensor) for every tensor of the source checkpoint."""
-    from yanray.engine.chatglm3 import convert_tensor, iter_checkpoint
+    from yanray.engine.chatglm3.weights import convert_tensor, iter_checkpoint
 
     for name, tensor in iter_checkpoint(src):
         size = tensor.numel() * tensor.element_size()
@@ -279,7 +279,7 @@ def _write_weights(
 
 def quantize_folder(src: Path, dst: Path, *, progress: bool = True, keep_16bit_outer: bool = False) -> None:
     """Quantize a ChatGLM3 release (or a transformers safetensors folder) into a Yanray INT8 folder."""
-    from yanray.engine.chatglm3 import read_config
+    from yanray.engine.chatglm3.weights import read_config
 
     src, dst = Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
@@ -333,7 +333,7 @@ def quantize_folder(src: Path, dst: Path, *, progress: bool = True, keep_16bit_o
 
 
 def _weight_files(src: Path) -> list[Path]:
-    from yanray.engine.chatglm3 import checkpoint_files
+    from yanray.engine.chatglm3.weights import checkpoint_files
 
     return checkpoint_files(src)
 
@@ -379,7 +379,7 @@ def rebuild_meta_buffers(model: torch.nn.Module, device: torch.device) -> None:
 
 def load_int8_model(folder: Path, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """A Yanray INT8 folder as a causal LM on `device`, computing in `dtype`, in eval mode."""
-    from yanray.engine.chatglm3 import read_config
+    from yanray.engine.chatglm3.weights import read_config
 
     folder = Path(folder)
     manifest = read_manifest(folder)

@@ -27,8 +27,10 @@ from typing import Any
 import torch
 
 from yanray.engine.base import EngineUnavailable
-from yanray.engine.chat_format import ChatFormat, ChatGLM3Format, TemplateFormat
-from yanray.engine.chatglm3 import glm_config, is_chatglm3_config, load_glm_model, read_config
+from yanray.engine.chat_format import ChatFormat, TemplateFormat
+from yanray.engine.chatglm3.prompt import ChatGLM3Format
+from yanray.engine.chatglm3.tokenizer import ChatGLM3Tokenizer
+from yanray.engine.chatglm3.weights import glm_config, is_chatglm3_config, load_glm_model, read_config
 from yanray.engine.device import (
     check_fits,
     free_memory,
@@ -37,7 +39,6 @@ from yanray.engine.device import (
     resolve_dtype,
     stored_weight_bytes,
 )
-from yanray.engine.tokenizer import ChatGLM3Tokenizer
 
 logger = logging.getLogger(__name__)
 

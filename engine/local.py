@@ -6,7 +6,8 @@ loading if it would not fit, and loads one of:
 
 - a Yanray INT8 folder (`engine/int8.py`),
 - a ChatGLM3 release folder, into transformers' native `GlmForCausalLM`
-  (`engine/chatglm3.py`), with the ChatGLM3 prompt format (`engine/tokenizer.py`),
+  (`engine/chatglm3/weights.py`), with the ChatGLM3 prompt format
+  (`engine/chatglm3/prompt.py`),
 - any other transformers causal LM folder whose tokenizer has a chat template
   (`trust_remote_code=False`, local files only).
 

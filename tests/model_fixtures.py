@@ -30,7 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from yanray.engine.tokenizer import ASSISTANT
+from yanray.engine.chatglm3.tokenizer import ASSISTANT
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 65024

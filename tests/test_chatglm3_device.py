@@ -10,7 +10,7 @@ import torch
 
 from tests.model_fixtures import fixtures_dir, steer_chain, steered_chatglm3
 from yanray.engine.base import EngineUnavailable
-from yanray.engine.chatglm3 import glm_config
+from yanray.engine.chatglm3.weights import glm_config
 from yanray.engine.device import (
     GiB,
     ModelShape,
@@ -149,8 +149,8 @@ async def test_first_run_downloads_quantizes_once_and_loads(
     """Hub id -> (fake) download -> real INT8 quantization -> LocalEngine, then the copy is reused."""
     import yanray.engine.hub as hub
     from yanray.engine.base import ChatMessage, GenerateOptions
+    from yanray.engine.chatglm3.tokenizer import EOS, ChatGLM3Tokenizer
     from yanray.engine.local import LocalEngine
-    from yanray.engine.tokenizer import EOS, ChatGLM3Tokenizer
 
     tok = ChatGLM3Tokenizer(fixtures_dir() / "tokenizer.model")
     answer = "你好👋！INT8"

@@ -25,9 +25,9 @@ from yanray.engine.base import (
     ToolCall,
     ToolSpec,
 )
+from yanray.engine.chatglm3.tokenizer import EOS, OBSERVATION, ChatGLM3Tokenizer
 from yanray.engine.generate import SessionState
 from yanray.engine.local import LocalEngine, LocalSession
-from yanray.engine.tokenizer import EOS, OBSERVATION, ChatGLM3Tokenizer
 
 ANSWER = "你好👋！我是 Yanray，很高兴见到你。"
 PROMPT = [ChatMessage("system", "You are Yanray."), ChatMessage("user", "你好")]
@@ -272,7 +272,7 @@ async def test_sampling_is_seeded(tmp_path: Path) -> None:
 def test_memory_guard_refuses_before_loading(
     answer_engine: LocalEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import yanray.engine.chatglm3 as chatglm3
+    import yanray.engine.chatglm3.weights as chatglm3
     import yanray.engine.loader as loader
 
     def must_not_load(*args: object, **kwargs: object) -> None:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.model_fixtures import fixtures_dir, release_folder
-from yanray.engine.chatglm3 import (
+from yanray.engine.chatglm3.weights import (
     checkpoint_files,
     convert_tensor,
     glm_config,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from yanray.engine.native_tools import ToolCallError, parse_tool_call
+from yanray.engine.chatglm3.tools import ToolCallError, parse_tool_call
 
 
 @pytest.mark.parametrize(

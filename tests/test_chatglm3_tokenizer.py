@@ -9,8 +9,15 @@ import pytest
 
 from tests.model_fixtures import fixtures_dir
 from yanray.engine.base import ChatMessage, ToolSpec
-from yanray.engine.chat_format import ChatGLM3ReplyDecoder
-from yanray.engine.tokenizer import ASSISTANT, EOS, OBSERVATION, SPECIAL_IDS, ChatGLM3Tokenizer, Utf8Stream
+from yanray.engine.chatglm3.prompt import ChatGLM3ReplyDecoder
+from yanray.engine.chatglm3.tokenizer import (
+    ASSISTANT,
+    EOS,
+    OBSERVATION,
+    SPECIAL_IDS,
+    ChatGLM3Tokenizer,
+    Utf8Stream,
+)
 
 SPECIALS = set(SPECIAL_IDS.values()) | {1, 2}
 
@@ -34,7 +41,7 @@ def _tools(raw: dict[str, Any]) -> list[ToolSpec]:
 
 
 def test_special_ids_and_stops(tok: ChatGLM3Tokenizer, vectors: dict[str, Any]) -> None:
-    from yanray.engine.tokenizer import STOP_IDS
+    from yanray.engine.chatglm3.tokenizer import STOP_IDS
 
     special = vectors["special_tokens"]
     for name, value in special["ids"].items():

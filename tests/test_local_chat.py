@@ -8,7 +8,7 @@ import pytest
 
 from tests.model_fixtures import fixtures_dir, steer_chain, steered_chatglm3
 from tests.test_cli import env, yanray
-from yanray.engine.tokenizer import EOS, ChatGLM3Tokenizer
+from yanray.engine.chatglm3.tokenizer import EOS, ChatGLM3Tokenizer
 
 ANSWER = "你好👋！我是 Yanray。"
 

@@ -17,7 +17,7 @@ names, `**kwargs`, positional arguments, a second statement) is refused with
 parser. Tuples become lists and sets, bytes and complex numbers are refused, so the
 arguments are always plain JSON values.
 
-What the engine does with a refused call is its choice (see `engine/chat_format.py`):
+What the engine does with a refused call is its choice (see `engine/chatglm3/prompt.py`):
 it treats the block as ordinary text.
 """
 
