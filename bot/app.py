@@ -23,7 +23,7 @@ from yanray.bot.tools import build_tools
 from yanray.bot.types import Adapter
 from yanray.bot.worker import EngineWorker
 from yanray.engine.base import Engine
-from yanray.storage import Database, StorageError, crud
+from yanray.storage import Database, crud
 
 logger = logging.getLogger(__name__)
 
@@ -96,17 +96,21 @@ class Core:
         start does not count against it as an attempt the process died on. `graceful=False`
         is for tests that stand in for a crash."""
         running = self.queue.running
+        if graceful and running is not None and self._task is not None:
+            # written before the worker is cancelled: a transaction cut off by the cancellation
+            # could still hold SQLite's write lock
+            try:
+                async with self.db.transaction() as session:
+                    await crud.give_back_attempt(session=session, request_id=running.request_id)
+            except Exception:  # noting it is a courtesy; shutting down must go on regardless
+                logger.warning(
+                    "request %d: could not note the graceful stop", running.request_id, exc_info=True
+                )
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if graceful and running is not None:
-            try:
-                async with self.db.transaction() as session:
-                    await crud.give_back_attempt(session=session, request_id=running.request_id)
-            except StorageError:
-                logger.warning("request %d: could not note the graceful stop", running.request_id)
         if self.worker.deliveries:
             # answers already stored get a moment to go out; the rest go out at the next start
             _done, late = await asyncio.wait(self.worker.deliveries, timeout=DELIVERY_GRACE)
