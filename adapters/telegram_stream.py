@@ -425,16 +425,15 @@ class TelegramReply:
 
     async def _sync_one(self, parts: list[str]) -> bool:
         """Make at most one write towards showing `parts`; True if more remain."""
+        digests = [_digest(part) for part in parts]
         for index, part in enumerate(parts):
             if index >= len(self.messages):
                 await self._send_new(part)
                 break
-            if self._shown[index] != _digest(part):
+            if self._shown[index] != digests[index]:
                 await self._edit(index, part)
                 break
-        return len(parts) > len(self.messages) or any(
-            a != _digest(b) for a, b in zip(self._shown, parts, strict=False)
-        )
+        return len(parts) > len(self.messages) or self._shown[: len(parts)] != digests[: len(self._shown)]
 
     async def _formatted(self, write: Callable[[str, str | None], Awaitable[T]], part: str) -> T:
         """Send `part` as HTML, or plain if Telegram cannot parse the HTML."""

@@ -30,11 +30,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fakes, run from anywhere
 
 from tests.fakes.openai_server import FakeOpenAI
+from tests.recording import RecordingStream
 from yanray.adapters.split import split_message
 from yanray.adapters.telegram_format import markdown_to_html
 from yanray.bot.app import Core
@@ -81,35 +81,6 @@ def round_text(text: str) -> None:
     visible.ready(final=True)
 
 
-class Stream:
-    def __init__(self) -> None:
-        self.done = asyncio.Event()
-        self.answer = ""
-
-    async def send(self, text: str) -> None:
-        self.answer = text
-        self.done.set()
-
-    async def queued(self, position: int) -> None:
-        pass
-
-    async def started(self) -> None:
-        pass
-
-    async def progress(self, text: str) -> None:
-        pass
-
-    async def finish(self, text: str) -> None:
-        self.answer = text
-        self.done.set()
-
-    async def fail(self, text: str) -> None:
-        await self.finish(text)
-
-    def watch(self, record: Any) -> None:
-        pass  # nothing is shown that a restart would edit
-
-
 async def openai_answer(size: int) -> float:
     rnd = random.Random(size)
     reply = "".join(rnd.choice(["word ", "  ", "\n", "**", "`"]) for _ in range(size // 3))[:size]
@@ -129,7 +100,7 @@ async def openai_answer(size: int) -> float:
             core = await Core.open(settings, engine)
             await core.start()
             try:
-                out = Stream()
+                out = RecordingStream()
                 started = time.perf_counter()
                 await core.dispatcher.handle(
                     Incoming(platform="bench", chat_id="c", user_id="u", display_name="U", text="go"), out

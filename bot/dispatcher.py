@@ -51,7 +51,6 @@ COMMANDS: list[tuple[str, str]] = [
 MAX_MESSAGE_CHARS = 100_000
 MAX_SYSTEM_CHARS = 4_000
 HISTORY_DEFAULT, HISTORY_MAX, HISTORY_CLIP = 10, 50, 300
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _COMMAND = re.compile(r"^/([A-Za-z_]++)(?:@\w++)?(?:\s++(.*+))?$", re.DOTALL)
 RATE_LIMITED = "You're sending messages faster than I can read them; wait a minute and try again."
 MODERATORS_ONLY = {
@@ -67,11 +66,6 @@ I remember our conversation and can use a calculator while answering.
 /retry - write the last answer again
 /history [n] - show the last n messages
 /system [text] - show or set my instructions for this conversation (/system default to undo)"""
-
-
-def scrub(text: str) -> str:
-    """`text` with lone UTF-16 surrogates (which no database or platform can encode) as U+FFFD."""
-    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def position_text(position: int) -> str:
@@ -95,7 +89,7 @@ class Dispatcher:
 
     async def handle(self, incoming: Incoming, out: ReplyStream) -> None:
         """Answer a command at once, or accept a question for the engine."""
-        who = f"{incoming.platform}:{incoming.user_id}"
+        who = self._who(incoming)
         if not self._allowed(who):
             if who not in self._refused:
                 self._refused.add(who)
@@ -109,7 +103,7 @@ class Dispatcher:
                 "Please shorten it or send it in parts."
             )
             return
-        text = scrub(incoming.text).strip()
+        text = incoming.text.strip()
         match = _COMMAND.match(text)
         command = match.group(1).lower() if match else ""
         if command in ("start", "help"):
@@ -149,10 +143,10 @@ class Dispatcher:
         Returns whether the stream now answers the edit (the earlier answer is replaced). An
         edit counts against the rate limit like a question: past it, the earlier answer is
         stopped and replaced by the rate-limit line instead of a new answer."""
-        who = f"{incoming.platform}:{incoming.user_id}"
+        who = self._who(incoming)
         if incoming.message_id is None or not self._allowed(who) or len(incoming.text) > MAX_MESSAGE_CHARS:
             return False
-        text = scrub(incoming.text).strip()
+        text = incoming.text.strip()
         if not text or _COMMAND.match(text):
             return False
         conversation = await self._conversation(incoming)
@@ -413,7 +407,7 @@ class Dispatcher:
             chat_id=incoming.chat_id,
             user_key=incoming.conversation_user,
             user_external_id=incoming.user_id,
-            display_name=scrub(incoming.display_name),
+            display_name=incoming.display_name,
         )
 
     def _moderates(self, incoming: Incoming, who: str) -> bool:

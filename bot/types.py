@@ -22,7 +22,8 @@ Route = Mapping[str, Any]  # JSON-serialisable
 
 @dataclass(frozen=True)
 class Incoming:
-    """One message for Yanray, whatever platform it came from."""
+    """One message for Yanray, whatever platform it came from. Its strings can be encoded
+    (an adapter repairs lone surrogates from a platform's JSON at its boundary)."""
 
     platform: str  # "telegram", "discord", "console"
     chat_id: str
