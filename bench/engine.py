@@ -123,14 +123,11 @@ def folder_bytes(folder: Path) -> int:
 
 def predicted_ratio(cfg: dict[str, Any], *, keep_16bit_outer: bool) -> float:
     """INT8 weight bytes / fp16 bytes for a ChatGLM3 shape, from the quantization plan alone."""
-    from transformers import GlmForCausalLM
-
-    from yanray.engine.chatglm3.weights import glm_config
     from yanray.engine.int8 import plan_modules
+    from yanray.engine.skeleton import meta_model
 
-    config = glm_config(cfg)
-    with torch.device("meta"):
-        model = GlmForCausalLM(config)
+    skeleton = meta_model(cfg)
+    model, config = skeleton.model, skeleton.config
     linear, embedding = plan_modules(model, config, keep_16bit_outer=keep_16bit_outer)
     quantized = {f"{n}.weight" for n in linear + embedding}
     fp16 = int8 = 0

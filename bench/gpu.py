@@ -61,15 +61,12 @@ def card_bandwidth(name: str) -> float | None:
 def random_int8_model(cfg: dict[str, Any], *, device: torch.device, dtype: torch.dtype,
                       keep_16bit_outer: bool = False) -> Any:  # fmt: skip
     """A ChatGLM3-shaped GlmForCausalLM with random INT8 weights made on `device`."""
-    from transformers import GlmForCausalLM
-
-    from yanray.engine.chatglm3.weights import glm_config
-    from yanray.engine.int8 import plan_modules, rebuild_meta_buffers
+    from yanray.engine.int8 import plan_modules
     from yanray.engine.int8_linear import QMAX, convert_for_runtime, pick_kernel, set_kernel
+    from yanray.engine.skeleton import meta_model, rebuild_meta_buffers
 
-    config = glm_config(cfg)
-    with torch.device("meta"):
-        model = GlmForCausalLM(config)
+    skeleton = meta_model(cfg)
+    model, config = skeleton.model, skeleton.config
     linear, embedding = plan_modules(model, config, keep_16bit_outer=keep_16bit_outer)
     convert_for_runtime(model, linear + embedding, dtype=dtype)
     state: dict[str, torch.Tensor] = {}

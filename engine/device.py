@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from yanray.engine.base import EngineUnavailable
+from yanray.engine.skeleton import is_block_linear
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def model_shape(model: torch.nn.Module, config: Any) -> ModelShape:
     """The shape of a model (built on the meta device is enough) and its config."""
     block_params = block_rows = 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+        if is_block_linear(name, module):
             block_params += module.weight.numel()
             block_rows += module.weight.shape[0]
     total = sum(p.numel() for p in model.parameters())  # tied weights are listed once

@@ -1,7 +1,7 @@
 """Yanray's INT8 format: `quantize_folder` (release folder -> INT8 folder) and `load_int8_model`.
 
 What is quantized: weight-only, symmetric, per output channel (`engine/int8_linear.py`), for
-every Linear inside the transformer blocks, and by default also the embedding table (per
+every Linear inside the transformer blocks (`engine/skeleton.py`'s `is_block_linear`), and by default also the embedding table (per
 token) and the output layer. Arithmetic for ChatGLM3-6B-32K: the block Linears are 5.71 G
 parameters, embedding + output layer 0.53 G; keeping those two 16-bit gives 6.78 GB, 0.543 of
 the 12.49 GB fp16 release and ~7.0 GB on the GPU at 8K context before activations, so the
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,6 +63,7 @@ from tqdm import tqdm
 
 from yanray.engine.base import EngineUnavailable
 from yanray.engine.int8_linear import convert_for_runtime, pick_kernel, quantize_rows, set_kernel
+from yanray.engine.skeleton import block_linears, meta_model, rebuild_meta_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ FORMAT = "yanray-int8"
 FORMAT_VERSION = 1
 MANIFEST = "yanray-int8.json"
 SHARD_BYTES = 1024**3
-#: a module inside a transformer block ("model.layers.3.mlp.down_proj", "transformer.h.0.attn.c_attn")
-BLOCK_MODULE = re.compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")
 #: files copied from the source besides the weights (tokenizers, chat templates, generation defaults)
 EXTRA_FILES = (
     "tokenizer.model",
@@ -140,26 +138,9 @@ def is_int8_folder(folder: Path) -> bool:
 # -- quantizing -------------------------------------------------------------------------
 
 
-def _meta_model(cfg: dict[str, Any], folder: Path) -> tuple[Any, Any, str]:
-    """(model on the meta device, its transformers config, arch) for a source config."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GlmForCausalLM
-
-    from yanray.engine.chatglm3.weights import glm_config, is_chatglm3_config
-
-    if is_chatglm3_config(cfg):
-        config: Any = glm_config(cfg)
-        with torch.device("meta"):
-            return GlmForCausalLM(config), config, "chatglm3"
-    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=False), config, "transformers"
-
-
 def plan_modules(model: Any, config: Any, *, keep_16bit_outer: bool) -> tuple[list[str], list[str]]:
     """Names of the modules to quantize as Linear and as Embedding."""
-    linear = [
-        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and BLOCK_MODULE.search(n)
-    ]
+    linear = block_linears(model)
     embedding: list[str] = []
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if not keep_16bit_outer and not tied:
@@ -286,14 +267,15 @@ def quantize_folder(src: Path, dst: Path, *, progress: bool = True, keep_16bit_o
         raise EngineUnavailable(f"{dst} already exists and is not empty; choose a new folder")
     try:
         cfg = read_config(src)
-        meta, config, arch = _meta_model(cfg, src)
+        skeleton = meta_model(cfg, src)
     except (OSError, ValueError, KeyError) as exc:
         raise EngineUnavailable(f"cannot read the model in {src}: {exc}") from None
-    linear, embedding = plan_modules(meta, config, keep_16bit_outer=keep_16bit_outer)
+    arch, config = skeleton.arch, skeleton.config
+    linear, embedding = plan_modules(skeleton.model, config, keep_16bit_outer=keep_16bit_outer)
     quantized = {f"{name}.weight" for name in linear + embedding}
-    expected = set(meta.state_dict())
+    expected = set(skeleton.model.state_dict())
     tied_head = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    del meta
+    del skeleton
 
     work = dst.with_name(dst.name + ".partial")
     if work.exists():
@@ -363,20 +345,6 @@ def _shard_files(folder: Path) -> list[Path]:
     return [folder / name for name in dict.fromkeys(weight_map.values())]
 
 
-def rebuild_meta_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers (rotary tables) are not in the checkpoint: build them on `device`."""
-    for name, module in list(model.named_modules()):
-        if not any(b.is_meta for b in module.buffers(recurse=False)):
-            continue
-        if not type(module).__name__.endswith("RotaryEmbedding"):
-            raise EngineUnavailable(f"cannot build {name} ({type(module).__name__}) after loading")
-        parent_name, _, child = name.rpartition(".")
-        rotary: Any = type(module)
-        with torch.device(device):
-            rebuilt = rotary(module.config)
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)
-
-
 def load_int8_model(folder: Path, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """A Yanray INT8 folder as a causal LM on `device`, computing in `dtype`, in eval mode."""
     from yanray.engine.chatglm3.weights import read_config
@@ -384,9 +352,10 @@ def load_int8_model(folder: Path, *, device: torch.device, dtype: torch.dtype) -
     folder = Path(folder)
     manifest = read_manifest(folder)
     try:
-        model, config, _ = _meta_model(read_config(folder), folder)
+        skeleton = meta_model(read_config(folder), folder)
     except (OSError, ValueError, KeyError) as exc:
         raise EngineUnavailable(f"cannot read the model in {folder}: {exc}") from None
+    model, config = skeleton.model, skeleton.config
     convert_for_runtime(model, manifest.linear + manifest.embedding, dtype=dtype)
     state: dict[str, torch.Tensor] = {}
     where = _safetensors_device(device)

@@ -7,8 +7,8 @@ whose tokenizer has a chat template. An INT8 folder made from ChatGLM3 is recogn
 ChatGLM3 by its config (the ChatGLM3 config, or a `glm` config with ChatGLM3's 65,024-row
 vocabulary) and a `tokenizer.model`.
 
-The memory guard runs before any weight is read, with the shape taken from a model built on
-the meta device. The context is `max_context` when given, else the model's own
+The memory guard runs before any weight is read, with the shape taken from the model built on
+the meta device (`engine/skeleton.py`). The context is `max_context` when given, else the model's own
 (`seq_length`, 32768 for ChatGLM3-6B-32K); a value above the model's own is lowered to it,
 since positions past its training length give nonsense.
 
@@ -30,7 +30,7 @@ from yanray.engine.base import EngineUnavailable
 from yanray.engine.chat_format import ChatFormat, TemplateFormat
 from yanray.engine.chatglm3.prompt import ChatGLM3Format
 from yanray.engine.chatglm3.tokenizer import ChatGLM3Tokenizer
-from yanray.engine.chatglm3.weights import glm_config, is_chatglm3_config, load_glm_model, read_config
+from yanray.engine.chatglm3.weights import is_chatglm3_config, load_glm_model, read_config
 from yanray.engine.device import (
     check_fits,
     free_memory,
@@ -39,6 +39,7 @@ from yanray.engine.device import (
     resolve_dtype,
     stored_weight_bytes,
 )
+from yanray.engine.skeleton import meta_model
 
 logger = logging.getLogger(__name__)
 
@@ -70,19 +71,6 @@ def is_chatglm3_folder(folder: Path, cfg: dict[str, Any]) -> bool:
         and int(cfg.get("vocab_size", 0)) == CHATGLM3_VOCAB
         and (folder / "tokenizer.model").is_file()
     )
-
-
-def _meta_model(folder: Path, cfg: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM, GlmForCausalLM
-
-    config: Any
-    if is_chatglm3_config(cfg):
-        config = glm_config(cfg)
-        with torch.device("meta"):
-            return GlmForCausalLM(config), config
-    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=False), config
 
 
 def _model_context(config: Any) -> int:
@@ -128,10 +116,10 @@ def load_parts(
         cfg = read_config(folder)
         int8 = _is_int8(folder)
         chatglm = is_chatglm3_folder(folder, cfg)
-        meta, config = _meta_model(folder, cfg)
+        skeleton = meta_model(cfg, folder)
     except (OSError, ValueError, KeyError) as exc:
         raise EngineUnavailable(f"cannot read the model in {folder}: {exc}") from None
-    own = _model_context(config)
+    own = _model_context(skeleton.config)
     context = min(max_context, own) if max_context else own
     if max_context > own:
         logger.warning("YANRAY_MAX_CONTEXT=%d is longer than the model's %d; using %d", max_context, own, own)
@@ -144,7 +132,7 @@ def load_parts(
         )
         weights = stored_weight_bytes(sorted(folder.glob("*.safetensors")), compute) if int8 else None
         estimate = check_fits(
-            model_shape(meta, config),
+            model_shape(skeleton.model, skeleton.config),
             free=free,
             context=context,
             dtype=compute,
@@ -153,7 +141,7 @@ def load_parts(
             weights=weights,
         )
         logger.info("memory estimate %.1f GiB of %.1f GiB free", estimate.total / 2**30, free / 2**30)
-    del meta
+    del skeleton
 
     logger.info(
         "loading %s (%s) onto %s as %s, context %d",

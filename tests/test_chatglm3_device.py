@@ -10,7 +10,6 @@ import torch
 
 from tests.model_fixtures import fixtures_dir, steer_chain, steered_chatglm3
 from yanray.engine.base import EngineUnavailable
-from yanray.engine.chatglm3.weights import glm_config
 from yanray.engine.device import (
     GiB,
     ModelShape,
@@ -23,6 +22,7 @@ from yanray.engine.device import (
     resolve_dtype,
 )
 from yanray.engine.hub import int8_dir, is_hub_id, resolve_model, weight_patterns
+from yanray.engine.skeleton import meta_model
 
 
 @pytest.mark.parametrize(
@@ -58,12 +58,9 @@ def test_device_and_dtype_names() -> None:
 
 @pytest.fixture(scope="module")
 def shape_6b() -> ModelShape:
-    from transformers import GlmForCausalLM
-
     cfg = json.loads((fixtures_dir() / "reference-configs" / "chatglm3-6b-32k.config.json").read_text())
-    config = glm_config(cfg)
-    with torch.device("meta"):
-        return model_shape(GlmForCausalLM(config), config)
+    skeleton = meta_model(cfg)
+    return model_shape(skeleton.model, skeleton.config)
 
 
 def test_estimate_for_chatglm3_6b_32k(shape_6b: ModelShape) -> None:

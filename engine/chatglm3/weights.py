@@ -14,7 +14,7 @@ MAPPING_NOTES.md and is exact (float32 logits equal THUDM's own code):
   `pytorch_model*.bin` through `torch.load(weights_only=True, mmap=True)`; the index json
   decides the shard list when there is one. One shard is open at a time.
 
-`load_glm_model` builds the model on the meta device and assigns each shard's converted
+`load_glm_model` builds the model on the meta device (`engine/skeleton.py`) and assigns each shard's converted
 tensors straight onto the target device and dtype (`load_state_dict(assign=True)`), so no
 full-precision copy of the whole model exists anywhere.
 
@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from transformers import GlmConfig, GlmForCausalLM
+
+from yanray.engine.skeleton import meta_model, rebuild_meta_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +217,7 @@ def load_glm_model(
 ) -> GlmForCausalLM:
     """A ChatGLM3 release folder as a `GlmForCausalLM` on `device` in `dtype`, in eval mode."""
     cfg = read_config(folder) if cfg is None else cfg
-    config = glm_config(cfg)
-    with torch.device("meta"):
-        model = GlmForCausalLM(config)
+    model = meta_model(cfg).model
     expected = set(model.state_dict())
     # converted tensors already live on the target device (that memory is the model's anyway);
     # on the CPU side only the shard being read is open
@@ -236,7 +236,6 @@ def load_glm_model(
         raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
     model.load_state_dict(state, strict=True, assign=True)
     del state
-    # the rotary table is a non-persistent buffer: it was built on the meta device
-    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    rebuild_meta_buffers(model, device)
     model.config.dtype = dtype
     return model.eval()
