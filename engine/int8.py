@@ -1,12 +1,10 @@
 """Yanray's INT8 format: `quantize_folder` (release folder -> INT8 folder) and `load_int8_model`.
 
 What is quantized: weight-only, symmetric, per output channel (`engine/int8_linear.py`), for
-every Linear inside the transformer blocks (`engine/skeleton.py`'s `is_block_linear`), and by default also the embedding table (per
-token) and the output layer. Arithmetic for ChatGLM3-6B-32K: the block Linears are 5.71 G
-parameters, embedding + output layer 0.53 G; keeping those two 16-bit gives 6.78 GB, 0.543 of
-the 12.49 GB fp16 release and ~7.0 GB on the GPU at 8K context before activations, so the
-targets (<= 0.52 of fp16, <= 7.0 GB at 8K) need them in INT8 too (6.25 GB, 0.500).
-`keep_16bit_outer=True` keeps them 16-bit. On tiny-32k both ways keep all 20 greedy ids.
+every Linear inside the transformer blocks (`engine/skeleton.py`'s `is_block_linear`), and by
+default also the embedding table (per token) and the output layer, without which the 6B
+misses its size target (docs/decisions/int8-embedding-and-output-layer.md).
+`keep_16bit_outer=True` keeps them 16-bit.
 
 The folder (format version 1):
 
@@ -28,22 +26,8 @@ Loading builds the model on the meta device, swaps the quantized modules, reads 
 tensor with `safe_open(device=...)` straight onto the target device and
 `load_state_dict(assign=True)`: no re-quantization, no full-precision copy.
 
-Own modules, not torchao. torchao 0.18 (`Int8WeightOnlyConfig`, `Int8Tensor`) was evaluated
-first, on this machine (2 CPU cores, torch 2.13, no GPU). It meets the listed requirements:
-its tensors go to safetensors without pickle through `torchao.prototype.safetensors`
-(flatten/unflatten + JSON metadata); the unflattened `Int8Tensor`s load into a meta-device
-model with `assign=True`; `Int8Tensor.from_hp` quantizes one CPU tensor at a time (1.55 s for
-a 27392x4096 fp16 weight; `quantize_rows` 0.90 s); its weight-only matmul is plain torch ops,
-so Pascal and Turing run it. On tiny-32k its greedy ids matched fp32 20/20, max logit diff
-0.070. It lost on the forward: every call casts the whole int8 weight to the compute dtype
-(`qdata.t().to(dtype)`), i.e. a full-precision copy of each matrix per step (224 MB for the
-6B's gate_up in bf16) and ~5 bytes of memory traffic per weight per token instead of 1.
-One 27392x4096 Linear, one token, CPU, ms: torchao 217 (fp32) / 145 (bf16); our dequantize
-fallback about the same (233 / 128, it is the same arithmetic); torch's fused
-`_weight_int8pack_mm`, used here for decoding, 85 / 8.7. torchao's on-disk format is also a
-prototype API naming torchao classes; ours is plain tensors under a version we own. The
-cost: ~200 lines of our own, and no torch.compile integration. The GPU side (the CUDA
-`_weight_int8pack_mm`, bandwidth) is measured by `bench/gpu.py`, not yet run on a GPU.
+Own modules, not torchao: torchao's forward casts each whole int8 weight to the compute dtype
+on every call, and its on-disk format is a prototype API (docs/decisions/int8-own-format-not-torchao.md).
 """
 
 from __future__ import annotations
@@ -172,7 +156,7 @@ def _stored(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor that is not quantized, as stored: 16-bit floats, anything else unchanged.
 
     Always a fresh tensor: a view would keep the whole memory-mapped source shard resident
-    until the output shard holding it is written (measured: 8.4 GB peak instead of ~4).
+    until the output shard holding it is written (docs/decisions/int8-quantize-memory.md).
     """
     if tensor.dtype in (torch.float16, torch.bfloat16) or not tensor.is_floating_point():
         return tensor.clone(memory_format=torch.contiguous_format)

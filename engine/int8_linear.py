@@ -9,11 +9,11 @@ modules (built on the meta device) for these so `load_state_dict(assign=True)` c
 Forward, where the design is silent:
 
 - few rows (decode, one token at a time): `torch.ops.aten._weight_int8pack_mm`, torch's
-  fused int8-weight matmul (CPU kernel; torch 2.13 also registers a CUDA one, not measured
-  here), which never materialises a dequantized weight. `pick_kernel` checks once per load
-  that the kernel exists and agrees with the reference, and on a GPU that it is faster than
-  the fallback for one token; otherwise the fallback below is used.
-  On the CPU it is only used where it measured faster (1 row in fp32, up to 16 in 16-bit).
+  fused int8-weight matmul (a CPU kernel, and a CUDA one), which never materialises a
+  dequantized weight. `pick_kernel` checks once per load that the kernel exists and agrees
+  with the reference, and on a GPU that it is faster than the fallback for one token;
+  otherwise the fallback below is used. On the CPU it is used up to `PACK_MAX_ROWS` rows,
+  where it was faster (docs/decisions/int8-fused-kernel-rows.md).
 - many rows (prefill), or no kernel: dequantize `DEQUANT_CHUNK` weight elements at a time
   (a slice of output rows, ≤ 64 MB in 16-bit), matmul, then scale the output columns; a
   matrix larger than that (the 6B's gate_up and down, lm_head) is never dequantized whole.

@@ -20,8 +20,8 @@ docstring):
    wall-clock limit and kills the worker when it passes; the next call starts a new one.
 
 What I chose where the design is silent: one warm worker per `Calculator`, reused
-across calls (a fresh worker costs 0.4-1.6 s here, mostly sympy's import; a warm call
-adds about 0.4 ms to sympy's own time), started on first use, recycled after 1000
+across calls (a fresh one costs about a second, mostly sympy's import:
+docs/decisions/calculator-warm-worker.md), started on first use, recycled after 1000
 calls, and restarted after any kill, crash or MemoryError. Calls are serialised by a lock; the exchange is one JSON line each way
 over pipes (no pickle). The blocking pipe I/O runs in the loop's default executor, so
 the event loop never blocks and the `Calculator` is not tied to one event loop;
