@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import until
 from yanray.bot.errors import ToolError
 from yanray.bot.tools import build_tools
 from yanray.bot.tools.calc_rules import CalcError
@@ -240,11 +241,7 @@ async def test_cancelling_a_call_kills_its_worker(calc: Calculator) -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.5):
             await calc.calculate(SLOW)
-    for _ in range(40):
-        if not _alive(old):
-            break
-        await asyncio.sleep(0.05)
-    assert not _alive(old)
+    await until(lambda: not _alive(old), within=5, what=f"worker {old} is killed")
     assert await calc.calculate("2^10") == "1024"
 
 

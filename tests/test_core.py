@@ -9,6 +9,7 @@ import pytest
 
 from tests.recording import RecordingAdapter, RecordingStream
 from tests.scripted_engine import ScriptedEngine
+from tests.waiting import until
 from yanray.bot import worker as worker_module
 from yanray.bot.app import Core
 from yanray.bot.types import Incoming
@@ -110,8 +111,7 @@ async def test_stop_cancels_running_and_waiting_requests(make_settings, core_fac
     core = await core_factory(make_settings(tools=[], max_new_tokens=1000), engine)
     first = await ask(core, "tell me a long story")
     second = await ask(core, "and another")
-    while not first.of("progress"):
-        await asyncio.sleep(0.01)
+    await until(lambda: first.of("progress"), what="the first answer is being written")
     stop = await ask(core, "/stop")
     assert stop.answer == "Stopped."
     assert (await second.wait()) == "Stopped."
@@ -134,8 +134,7 @@ async def test_restart_answers_queued_and_running_requests_once(make_settings, c
     core = await core_factory(settings, engine)
     for text in ("one", "two", "three"):
         await ask(core, text)
-    while not engine.prompts:
-        await asyncio.sleep(0.01)
+    await until(lambda: engine.prompts, what="the engine is answering the first question")
     await core.aclose()  # the process dies: one request running, two queued
     assert await _counts(settings) == {"running": 1, "queued": 2}
 
@@ -147,11 +146,13 @@ async def test_restart_answers_queued_and_running_requests_once(make_settings, c
     assert all(route["platform"] == "test" for route, _ in adapter.reopened)
     await core.wait_idle()
     await core.aclose()
-    # a second restart answers nothing again
+    # a second restart answers nothing again: start() returns once the journal is recovered
+    asked = len(engine.prompts)
     again = RecordingAdapter("test")
     core = await core_factory(settings, engine, adapters=(again,))
-    await asyncio.sleep(0.05)
-    assert again.reopened == []
+    await core.wait_idle()
+    assert again.reopened == [] and len(core.queue) == 0
+    assert len(engine.prompts) == asked
     assert await statuses(core) == {"done": 3}
 
 
@@ -322,8 +323,7 @@ async def test_an_edit_while_the_answer_is_being_stored_sets_that_answer_aside(
 
     first = Slow()
     await core.dispatcher.handle(msg("cats", mid="1"), first)
-    while not first.of("progress"):
-        await asyncio.sleep(0.01)
+    await until(lambda: first.of("progress"), what="the answer is written and waits to be stored")
     edited = RecordingStream()
     assert await core.dispatcher.handle_edit(msg("dogs", mid="1"), lambda _shown: edited)
     release.set()
@@ -429,8 +429,7 @@ async def _stop_while_answering(
     for runs in range(1, times + 1):
         if runs > 1:  # the next start answers it again
             core = await core_factory(settings, engine, adapters=(RecordingAdapter("test"),))
-        while len(engine.prompts) < runs:
-            await asyncio.sleep(0.01)
+        await until(lambda n=runs: len(engine.prompts) >= n, what=f"run {runs} is answering")
         await core.aclose(graceful=graceful)
     adapter = RecordingAdapter("test")
     engine.before_reply = None

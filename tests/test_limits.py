@@ -12,6 +12,7 @@ import pytest
 from tests.recording import RecordingStream
 from tests.scripted_engine import ScriptedEngine
 from tests.test_core import ask, msg, statuses
+from tests.waiting import until
 from yanray.bot.dispatcher import MODERATORS_ONLY, RATE_LIMITED
 from yanray.bot.errors import ConfigError
 from yanray.bot.types import Incoming
@@ -90,24 +91,20 @@ async def test_shared_conversation_stop_is_for_the_asker_and_moderators(make_set
     engine.before_reply = hold
     core = await core_factory(make_settings(tools=[]), engine)
     alice = await say(core, shared("alice's question", "alice"))
-    await asyncio.wait_for(_until(lambda: len(engine.prompts) == 1), 5)  # alice's answer runs
+    await until(lambda: len(engine.prompts) == 1, what="alice's answer runs")
     bobs = await say(core, shared("bob's question", "bob"))  # waits behind it
     carol = await say(core, shared("/stop", "carol"))
     assert "no answer to stop" in (carol.answer or "")
     bob_stop = await say(core, shared("/stop", "bob"))
     assert bob_stop.answer == "Stopped."
     assert await bobs.wait() == "Stopped."  # bob's own waiting question
-    assert not alice.done.is_set()  # alice's answer goes on
+    running = core.queue.running  # alice's answer goes on: bob's /stop did not touch it
+    assert running is not None and not running.cancel.is_set() and not alice.done.is_set()
     mod = await say(core, shared("/stop", "dave", moderator=True))
     assert mod.answer == "Stopped."
     release.set_result(None)
     assert "Stopped." in (await alice.wait() or "")
     assert await statuses(core) == {"cancelled": 2}
-
-
-async def _until(condition) -> None:
-    while not condition():
-        await asyncio.sleep(0.005)
 
 
 async def test_a_context_without_room_for_a_question_is_refused_at_start(make_settings, core_factory) -> None:

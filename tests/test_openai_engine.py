@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.waiting import until
 from yanray.bot.toolloop import SlashCalls
 from yanray.engine.base import (
     ChatMessage,
@@ -97,7 +98,7 @@ async def test_tool_round_stops_at_the_calculate_line_and_the_next_round_sees_th
         round1 = await session.generate(GenerateOptions(stop_at=calculate_line_end()), pieces.append)
         assert round1.text == "Let me work it out.\n/calculate 6.5*7.5\n" == "".join(pieces)
         assert round1.finish == "stop"
-        await wait_for(lambda: fake.disconnects == 1)  # the server was told to stop generating
+        await until(lambda: fake.disconnects == 1)  # the server was told to stop generating
         await session.append(ChatMessage(role="observation", content="48.75", name="calculate"))
         round2 = await session.generate(GenerateOptions(stop_at=calculate_line_end()))
         await engine.aclose()
@@ -131,7 +132,7 @@ async def test_cancel_mid_stream_stops_reading() -> None:
         session = await engine.start([ASK])
         result = await session.generate(options, on_text)
         assert result.finish == "cancelled" and result.text == "".join(pieces) == "x" * 6
-        await wait_for(lambda: fake.disconnects == 1)
+        await until(lambda: fake.disconnects == 1)
         await assert_recovers(engine, fake, session)
         await engine.aclose()
 
@@ -143,11 +144,11 @@ async def test_cancel_while_the_server_is_silent() -> None:
         pieces: list[str] = []
         # cancel once the first piece is in and the server has gone silent
         result_task = asyncio.ensure_future((await engine.start([ASK])).generate(options, pieces.append))
-        await wait_for(lambda: pieces)
-        asyncio.get_running_loop().call_later(0.2, options.cancel.set)
+        await until(lambda: pieces and fake.stalls == 1, what="the first piece, then silence")
+        options.cancel.set()
         result = await asyncio.wait_for(result_task, 5)
         assert (result.text, result.finish) == ("abc", "cancelled")
-        await wait_for(lambda: fake.disconnects == 1)
+        await until(lambda: fake.disconnects == 1)
         await engine.aclose()
 
 
@@ -157,7 +158,7 @@ async def test_a_time_limit_from_outside_drops_the_stream_and_the_session_still_
         session = await engine.start([ASK])
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(session.generate(GenerateOptions()), 0.3)
-        await wait_for(lambda: fake.disconnects == 1)
+        await until(lambda: fake.disconnects == 1)
         await assert_recovers(engine, fake, session)
         await engine.aclose()
 
@@ -333,14 +334,6 @@ def test_token_estimate_is_conservative() -> None:
     )
 
 
-async def wait_for(condition: object, within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():  # type: ignore[operator]
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_a_server_that_ignores_max_tokens_is_cut_at_a_character_bound() -> None:
     flood = "0123456789" * 200_000  # 2 MB, and the fake never looks at max_tokens
     async with FakeOpenAI(replies=[flood], chunk_size=4000, chunk_delay=0.002) as fake:
@@ -351,7 +344,7 @@ async def test_a_server_that_ignores_max_tokens_is_cut_at_a_character_bound() ->
             GenerateOptions(max_new_tokens=100), pieces.append
         )
         seconds = asyncio.get_running_loop().time() - started
-        await wait_for(lambda: fake.disconnects == 1)  # the server was told to stop
+        await until(lambda: fake.disconnects == 1)  # the server was told to stop
         await engine.aclose()
     assert result.finish == "length" and seconds < 2
     assert result.text == "".join(pieces) == flood[: 100 * MAX_CHARS_PER_TOKEN]

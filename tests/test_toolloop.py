@@ -267,11 +267,15 @@ async def test_a_server_that_ignores_max_tokens_is_cut_at_the_bound_with_a_note(
 
 
 async def test_a_tool_still_running_when_the_answer_is_stopped_is_abandoned() -> None:
-    finished = asyncio.Event()
+    running, abandoned = asyncio.Event(), asyncio.Event()
 
     async def slow(arguments: Mapping[str, Any]) -> str:
-        await asyncio.sleep(30)
-        finished.set()
+        running.set()
+        try:
+            await asyncio.Event().wait()  # works until it is cancelled
+        except asyncio.CancelledError:
+            abandoned.set()
+            raise
         return "too late"
 
     spec = ToolSpec("slow", "takes long", {"type": "object"}, "/slow <x>")
@@ -279,11 +283,18 @@ async def test_a_tool_still_running_when_the_answer_is_stopped_is_abandoned() ->
     engine = ScriptedEngine(["Working on it.\n/slow a\n", "never asked"])
     loop = ToolLoop(tools={"slow": tool}, max_rounds=2)
     options = GenerateOptions()
-    asyncio.get_running_loop().call_later(0.2, options.cancel.set)  # the time limit, or /stop
-    started = time.perf_counter()
-    result = await loop.run(await engine.start([ChatMessage("user", "go")]), options=lambda: options)
-    assert time.perf_counter() - started < 2
+
+    async def stop_once_the_tool_runs() -> None:  # the time limit, or /stop
+        await running.wait()
+        options.cancel.set()
+
+    stopper = asyncio.create_task(stop_once_the_tool_runs())
+    # well before the tool's own 60 s limit: the loop does not wait for the tool
+    async with asyncio.timeout(10):
+        result = await loop.run(await engine.start([ChatMessage("user", "go")]), options=lambda: options)
+    await stopper
     assert [r.observation for r in result.rounds] == [
         "Error: the answer was stopped before the slow tool finished."
     ]
-    assert result.visible == "Working on it." and len(engine.prompts) == 1 and not finished.is_set()
+    assert abandoned.is_set()  # the tool's task was cancelled, not left running
+    assert result.visible == "Working on it." and len(engine.prompts) == 1

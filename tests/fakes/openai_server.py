@@ -99,6 +99,8 @@ class FakeOpenAI:
         self.headers: list[dict[str, str]] = []
         #: how many streams the client abandoned before the end
         self.disconnects = 0
+        #: how many streams went silent (`stall_after`), counted when the silence starts
+        self.stalls = 0
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
         self.port = 0
@@ -185,6 +187,7 @@ class FakeOpenAI:
             if sent == reply.cut_after:
                 return _drop_connection(request, resp)
             if sent == reply.stall_after:
+                self.stalls += 1
                 await self._closing.wait()
                 return resp
             if sent == reply.malformed_after:
@@ -204,6 +207,7 @@ class FakeOpenAI:
         if reply.cut_after is not None:
             return _drop_connection(request, resp)
         if reply.stall_after is not None:
+            self.stalls += 1
             await self._closing.wait()
             return resp
         await _send(resp, self._chunk({}, finish))
