@@ -7,10 +7,10 @@ whose tokenizer has a chat template. An INT8 folder made from ChatGLM3 is recogn
 ChatGLM3 by its config (the ChatGLM3 config, or a `glm` config with ChatGLM3's 65,024-row
 vocabulary) and a `tokenizer.model`.
 
-The memory guard runs before any weight is read, with the shape taken from the model built on
-the meta device (`engine/skeleton.py`). The context is `max_context` when given, else the model's own
-(`seq_length`, 32768 for ChatGLM3-6B-32K); a value above the model's own is lowered to it,
-since positions past its training length give nonsense.
+The memory guard runs before any weight is read, with the shape taken from the model built
+on the meta device (`engine/skeleton.py`). The context is `max_context` when given, else the
+model's own (`seq_length`, 32768 for ChatGLM3-6B-32K); a value above the model's own is
+lowered to it, since positions past its training length give nonsense.
 
 ChatGLM3 and INT8 weights go straight onto the device, shard by shard. A generic
 transformers folder is read with `from_pretrained` on the CPU and then moved: a

@@ -8,8 +8,8 @@ the same modules under the same names:
   `engine/chatglm3/weights.py`'s `glm_config` (the one home of that mapping); any other
   config is read by `AutoConfig` from its folder, never with remote code;
 - `is_block_linear` is the one rule for "a Linear inside a transformer block": what INT8
-  quantizes by default and what the memory guard counts as shrinkable. The embedding and
-  the output layer are outside the blocks (INT8 treats them as its own option);
+  quantizes in every plan and what the memory guard counts as shrinkable. The embedding
+  and the output layer are outside the blocks (INT8 decides them apart: `keep_16bit_outer`);
 - `rebuild_meta_buffers` builds what a checkpoint does not hold (the rotary tables are
   non-persistent buffers) once the weights were assigned with `load_state_dict(assign=True)`.
 """

@@ -14,9 +14,9 @@ MAPPING_NOTES.md and is exact (float32 logits equal THUDM's own code):
   `pytorch_model*.bin` through `torch.load(weights_only=True, mmap=True)`; the index json
   decides the shard list when there is one. One shard is open at a time.
 
-`load_glm_model` builds the model on the meta device (`engine/skeleton.py`) and assigns each shard's converted
-tensors straight onto the target device and dtype (`load_state_dict(assign=True)`), so no
-full-precision copy of the whole model exists anywhere.
+`load_glm_model` builds the model on the meta device (`engine/skeleton.py`) and assigns
+each shard's converted tensors straight onto the target device and dtype
+(`load_state_dict(assign=True)`), so no full-precision copy of the whole model exists anywhere.
 
 Only the ChatGLM2/3 architecture with RMSNorm, original rope, a final norm and no linear
 biases is accepted (every ChatGLM3 release); other variants raise `ValueError` rather than
