@@ -241,7 +241,9 @@ async def test_offline_the_default_model_is_refused_at_once(tmp_path: Path) -> N
     code, out, err = await yanray(["chat"], environ, cwd=tmp_path)
     elapsed = time.monotonic() - started
     one_line(code, out, err, 1, "yanray: Cannot download THUDM/chatglm3-6b-32k: no network")
-    assert elapsed < 15
+    # the retries took 30 s on top of the start; the start alone (imports) took up to 18 s
+    # on the loaded 2-core development machine
+    assert elapsed < 25
 
 
 @pytest.fixture
