@@ -54,7 +54,9 @@ logger = logging.getLogger(__name__)
 
 REFUSAL = N_("Sorry, I can't answer here: my owner has limited me to certain servers, channels or roles.")
 APOLOGY = N_("Sorry, something went wrong on my side. Please try again.")
-NON_TEXT = N_("I can only read text for now. Please type your question (I can't see attachments or stickers).")
+NON_TEXT = N_(
+    "I can only read text for now. Please type your question (I can't see attachments or stickers)."
+)
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 _REMEMBERED = 1000  # answers kept so an edit of their question can regenerate them
 

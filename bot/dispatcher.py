@@ -381,7 +381,9 @@ class Dispatcher:
         count = HISTORY_DEFAULT
         if arg:
             if not arg.isdigit() or not 1 <= int(arg) <= HISTORY_MAX:
-                await out.send(tr.gettext("Usage: /history [n], with n from 1 to {most}.").format(most=HISTORY_MAX))
+                await out.send(
+                    tr.gettext("Usage: /history [n], with n from 1 to {most}.").format(most=HISTORY_MAX)
+                )
                 return
             count = int(arg)
         async with self.db.transaction() as session:

@@ -99,9 +99,9 @@ class Text:
         return self.render(DEFAULT_LANGUAGE)
 
 
-def lazy_gettext(message: str, **params: object) -> Text:
+def lazy_gettext(message: str, /, **params: object) -> Text:
     return Text(message, params=params)
 
 
-def lazy_ngettext(singular: str, plural: str, count: int, **params: object) -> Text:
-    return Text(singular, plural, count, params)
+def lazy_ngettext(singular: str, plural: str, n: int, /, **params: object) -> Text:
+    return Text(singular, plural, n, params)

@@ -316,7 +316,9 @@ class EngineWorker:
         except TimeoutError:
             job.cancel.set()
             logger.warning("request %d: the engine did not stop at the time limit", job.request_id)
-            error = tr.gettext("That took too long (over {seconds} s) and was stopped.").format(seconds=f"{limit:g}")
+            error = tr.gettext("That took too long (over {seconds} s) and was stopped.").format(
+                seconds=f"{limit:g}"
+            )
             await self._close(job, "failed", error=error)
         except EngineError as exc:
             logger.warning("request %d: engine error: %s", job.request_id, exc)

@@ -43,7 +43,9 @@ def extract() -> Catalog:
         for filename, lineno, message, comments, context in extract_from_dir(
             ROOT / source, [("**.py", "python")], keywords=KEYWORDS
         ):
-            template.add(message, None, [(f"{source}/{filename}", lineno)], auto_comments=comments, context=context)
+            template.add(
+                message, None, [(f"{source}/{filename}", lineno)], auto_comments=comments, context=context
+            )
     return template
 
 
@@ -91,7 +93,10 @@ def main() -> int:
     stale = [path for path, data in build().items() if not path.is_file() or path.read_bytes() != data]
     if args.check:
         for path in stale:
-            print(f"{path.relative_to(ROOT)} is out of date; run .venv/bin/python scripts/i18n.py", file=sys.stderr)
+            print(
+                f"{path.relative_to(ROOT)} is out of date; run .venv/bin/python scripts/i18n.py",
+                file=sys.stderr,
+            )
         return 1 if stale else 0
     for path, data in build().items():
         path.write_bytes(data)
