@@ -236,3 +236,31 @@ async def test_a_recovered_request_is_answered_in_its_askers_language(
     assert route["language"] == "zh"
     assert await stream.wait() == "答案"
     assert engine.prompts[-1][0].content == ZH_PROMPT
+
+
+async def test_in_a_shared_conversation_only_moderators_change_the_language(
+    make_settings: Any, core_factory: Any
+) -> None:
+    core = await core_factory(make_settings(tools=[]), ScriptedEngine(["ok"]))
+
+    def member(text: str, *, moderator: bool) -> Incoming:
+        return Incoming(
+            platform="test",
+            chat_id="group",
+            user_id="mod" if moderator else "li",
+            display_name="x",
+            text=text,
+            shared=True,
+            moderator=moderator,
+            language="zh-CN",
+        )
+
+    async def send(incoming: Incoming) -> str | None:
+        out = RecordingStream()
+        await core.dispatcher.handle(incoming, out)
+        return await out.wait()
+
+    assert await send(member("/lang en", moderator=False)) == "在这个共享对话中，只有管理员才能修改我的语言。"
+    assert (await send(member("/lang", moderator=False)) or "").startswith("我在这里用简体中文回复")
+    assert await send(member("/lang en", moderator=True)) == "From now on I write in English here."
+    assert await send(member("/help", moderator=False)) == HELP  # the whole group's language now
