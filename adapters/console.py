@@ -10,18 +10,24 @@ Input is untrusted like any other: bytes that are not UTF-8 are read as U+FFFD (
 is answered, and the rest of the input is not dropped), and a line is read at most
 `MAX_LINE_CHARS` at a time, so an endless line is refused as too long without ever being
 held whole in memory.
+
+Yanray's own texts follow the terminal's language (`LANGUAGE`, `LC_ALL`, `LC_MESSAGES`,
+`LANG`, the first one set, as gettext reads them), unless `YANRAY_LANGUAGE` or `/lang` says
+otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from yanray.bot.dispatcher import MAX_MESSAGE_CHARS, Dispatcher, position_text
+from yanray.bot.i18n import environment_hint
 from yanray.bot.types import Incoming, ReplyStream, Route
 
 PROMPT = "you> "
@@ -84,8 +90,11 @@ class ConsoleAdapter:
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
         user: str = "local",
+        language: str | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        #: the terminal's language tag (`language` or the environment's)
+        self.language = language or environment_hint(os.environ)
         self.stdin = stdin or sys.stdin
         if isinstance(self.stdin, io.TextIOWrapper):
             self.stdin.reconfigure(errors="replace")  # bad UTF-8 is read as U+FFFD, not a crash
@@ -137,6 +146,7 @@ class ConsoleAdapter:
                 text=text,
                 message_id=f"{self._run}-{self._count}",
                 route=self._route(),
+                language=self.language,
             )
             await self.dispatcher.handle(incoming, stream)
             if stream.done.is_set() or not self.dispatcher.is_pending(stream):

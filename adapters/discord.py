@@ -46,14 +46,17 @@ from yanray.adapters.discord_sinks import ChannelSink, InteractionSink
 from yanray.adapters.discord_stream import DiscordReplyStream, StreamConfig
 from yanray.bot.dispatcher import Dispatcher
 from yanray.bot.errors import ConfigError
+from yanray.bot.i18n import N_, translator
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming, Route
 
 logger = logging.getLogger(__name__)
 
-REFUSAL = "Sorry, I can't answer here: my owner has limited me to certain servers, channels or roles."
-APOLOGY = "Sorry, something went wrong on my side. Please try again."
-NON_TEXT = "I can only read text for now. Please type your question (I can't see attachments or stickers)."
+REFUSAL = N_("Sorry, I can't answer here: my owner has limited me to certain servers, channels or roles.")
+APOLOGY = N_("Sorry, something went wrong on my side. Please try again.")
+NON_TEXT = N_(
+    "I can only read text for now. Please type your question (I can't see attachments or stickers)."
+)
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 _REMEMBERED = 1000  # answers kept so an edit of their question can regenerate them
 
@@ -204,17 +207,17 @@ class DiscordAdapter:
             key = (message.channel.id, message.author.id)
             if key not in self._refused:
                 self._refused.add(key)
-                await out.send(REFUSAL)
+                await out.send(self._say(REFUSAL, incoming))
             return
         if not incoming.text and (message.attachments or message.stickers):
-            await out.send(NON_TEXT)
+            await out.send(translator(await self.dispatcher.language(incoming)).gettext(NON_TEXT))
             return
         self._remember(message.id, out)
         try:
             await self.dispatcher.handle(incoming, out)
         except Exception:
             logger.exception("Discord: message %s could not be handled", message.id)
-            await out.send(APOLOGY)
+            await out.send(self._say(APOLOGY, incoming))
 
     async def on_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         if payload.data.get("edited_timestamp") is None:
@@ -250,9 +253,10 @@ class DiscordAdapter:
             guild_id=interaction.guild_id,
             message_id=None,
             moderator=interaction.guild_id is not None and interaction.permissions.manage_messages,
+            language=interaction.locale.value,  # the user's own Discord app
         )
         if not self._allowed(interaction.guild_id, interaction.channel, incoming):
-            await interaction.response.send_message(REFUSAL, ephemeral=True)
+            await interaction.response.send_message(self._say(REFUSAL, incoming), ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
         fallback = ChannelSink(self.client, channel_id) if channel_id else None
@@ -279,6 +283,8 @@ class DiscordAdapter:
             guild_id=message.guild.id if message.guild else None,
             message_id=message.id,
             moderator=_can_manage_messages(message.channel, message.author),
+            # a message carries no locale of its sender: the server's preferred one, if any
+            language=message.guild.preferred_locale.value if message.guild else None,
         )
 
     def _make_incoming(
@@ -290,6 +296,7 @@ class DiscordAdapter:
         guild_id: int | None,
         message_id: int | None,
         moderator: bool = False,
+        language: str | None = None,
     ) -> Incoming:
         return Incoming(
             platform=self.platform,
@@ -303,7 +310,13 @@ class DiscordAdapter:
             route={"channel_id": str(channel_id), "message_id": _str(message_id)},
             roles=tuple(str(r.id) for r in getattr(user, "roles", ()) if not r.is_default()),
             moderator=moderator,
+            language=language,
         )
+
+    def _say(self, message: str, incoming: Incoming) -> str:
+        """An adapter's own line in the sender's language, without storage (a stranger, or
+        what failed may be the database)."""
+        return translator(self.dispatcher.hint_language(incoming.language)).gettext(message)
 
     def _allowed(self, guild_id: int | None, channel: Any, incoming: Incoming) -> bool:
         """Inside the guild/channel/role fence (a DM: only named users while a fence is set)."""

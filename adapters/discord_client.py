@@ -78,7 +78,8 @@ class YanrayClient(discord.Client):
         guard_parsers(self._connection.parsers)
 
     async def setup_hook(self) -> None:
-        await install(self.tree, self.handlers.on_slash, self.handlers.settings.discord_guild_id)
+        settings = self.handlers.settings
+        await install(self.tree, self.handlers.on_slash, settings.discord_guild_id, settings.language)
 
     async def on_ready(self) -> None:
         logger.info("Discord: connected as %s in %d servers", self.user, len(self.guilds))

@@ -4,7 +4,9 @@ Each command only turns the interaction into the text the dispatcher already und
 ("/history 5", "/system be brief", or the question itself for /ask) and hands it to the
 adapter, which defers the response at once (Discord's 3-second window) and answers by
 editing the deferred response and sending follow-ups. Descriptions come from the
-dispatcher's `COMMANDS` so the menus of every platform say the same thing.
+dispatcher's `COMMANDS` so the menus of every platform say the same thing; they are
+`locale_str`s, and `CatalogTranslator` gives Discord their Chinese for the zh-CN and zh-TW
+clients from the same catalog (the command and option names stay as they are typed).
 
 Synced at start-up: to one guild when `YANRAY_DISCORD_GUILD_ID` is set (the commands
 appear at once, handy while testing), otherwise globally (Discord may take a while to
@@ -20,24 +22,44 @@ from typing import Any
 
 import discord
 from discord import app_commands
+from discord.app_commands import TranslationContextLocation, TranslationContextTypes, locale_str
 
 from yanray.bot.dispatcher import COMMANDS
+from yanray.bot.i18n import DEFAULT_LANGUAGE, N_, normalize, resolve, translator
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[["discord.Interaction[Any]", str], Awaitable[None]]
-ASK_DESCRIPTION = "Ask Yanray a question"
+ASK_DESCRIPTION = N_("Ask Yanray a question")
+FAILED = N_("Sorry, that command failed on my side. Please try again in a moment.")
+MAX_DESCRIPTION = 100  # Discord's limit for a description, in every language
+#: what Discord lets a bot translate that Yanray translates: the descriptions, not the names
+_DESCRIPTIONS = frozenset(
+    {TranslationContextLocation.command_description, TranslationContextLocation.parameter_description}
+)
+
+
+class CatalogTranslator(app_commands.Translator):
+    """The slash commands' descriptions from Yanray's catalog, for every Chinese locale."""
+
+    async def translate(
+        self, string: locale_str, locale: discord.Locale, context: TranslationContextTypes
+    ) -> str | None:
+        language = normalize(locale.value)
+        if language == DEFAULT_LANGUAGE or context.location not in _DESCRIPTIONS:
+            return None  # Discord shows the English
+        return translator(language).gettext(string.message)[:MAX_DESCRIPTION]
 
 
 def build_commands(handler: Handler) -> list[app_commands.Command[Any, ..., None]]:
     """The slash commands, each calling `handler(interaction, text for the dispatcher)`."""
     described = dict(COMMANDS)
 
-    def describe(name: str) -> str:
-        return described.get(name, name)[:100]
+    def describe(name: str) -> locale_str:
+        return locale_str(described.get(name, name)[:MAX_DESCRIPTION])
 
-    @app_commands.command(name="ask", description=ASK_DESCRIPTION)
-    @app_commands.describe(question="What you want to ask")
+    @app_commands.command(name="ask", description=locale_str(ASK_DESCRIPTION))
+    @app_commands.describe(question=locale_str(N_("What you want to ask")))
     async def ask(interaction: discord.Interaction[Any], question: str) -> None:
         await handler(interaction, question)
 
@@ -54,25 +76,47 @@ def build_commands(handler: Handler) -> list[app_commands.Command[Any, ..., None
         await handler(interaction, "/retry")
 
     @app_commands.command(name="history", description=describe("history"))
-    @app_commands.describe(count="How many messages (default 10)")
+    @app_commands.describe(count=locale_str(N_("How many messages (default 10)")))
     async def history(
         interaction: discord.Interaction[Any], count: app_commands.Range[int, 1, 50] | None = None
     ) -> None:
         await handler(interaction, "/history" if count is None else f"/history {count}")
 
     @app_commands.command(name="system", description=describe("system"))
-    @app_commands.describe(instructions="New instructions, or 'default'; leave empty to see them")
+    @app_commands.describe(
+        instructions=locale_str(N_("New instructions, or 'default'; leave empty to see them"))
+    )
     async def system(interaction: discord.Interaction[Any], instructions: str | None = None) -> None:
         await handler(interaction, "/system" if not instructions else f"/system {instructions}")
 
-    return [ask, reset, stop, retry, history, system]
+    @app_commands.command(name="lang", description=describe("lang"))
+    @app_commands.describe(language=locale_str(N_("en, zh, or auto (your app's language)")))
+    @app_commands.choices(
+        language=[
+            app_commands.Choice(name="English", value="en"),
+            app_commands.Choice(name="简体中文", value="zh"),
+            app_commands.Choice(name="auto", value="auto"),
+        ]
+    )
+    async def lang(interaction: discord.Interaction[Any], language: str | None = None) -> None:
+        await handler(interaction, "/lang" if not language else f"/lang {language}")
+
+    return [ask, reset, stop, retry, history, system, lang]
 
 
-async def install(tree: app_commands.CommandTree[Any], handler: Handler, guild_id: int | None) -> None:
-    """Add the commands to `tree` and sync them with Discord."""
+async def install(
+    tree: app_commands.CommandTree[Any], handler: Handler, guild_id: int | None, language: str = "auto"
+) -> None:
+    """Add the commands to `tree` and sync them with Discord, their descriptions translated.
+    `language` is `YANRAY_LANGUAGE`, for the line a failed command answers with."""
     for command in build_commands(handler):
         tree.add_command(command)
-    tree.on_error = _on_error  # type: ignore[method-assign]
+
+    async def on_error(interaction: discord.Interaction[Any], error: app_commands.AppCommandError) -> None:
+        await _on_error(interaction, error, resolve(language, None, interaction.locale.value))
+
+    tree.on_error = on_error  # type: ignore[method-assign]
+    await tree.set_translator(CatalogTranslator())
     guild = discord.Object(id=guild_id) if guild_id else None
     if guild is not None:
         tree.copy_global_to(guild=guild)
@@ -92,9 +136,11 @@ async def install(tree: app_commands.CommandTree[Any], handler: Handler, guild_i
     )
 
 
-async def _on_error(interaction: discord.Interaction[Any], error: app_commands.AppCommandError) -> None:
+async def _on_error(
+    interaction: discord.Interaction[Any], error: app_commands.AppCommandError, language: str
+) -> None:
     logger.error("Discord: slash command failed", exc_info=error)
-    text = "Sorry, that command failed on my side. Please try again in a moment."
+    text = translator(language).gettext(FAILED)
     try:
         if interaction.response.is_done():
             await interaction.followup.send(

@@ -51,6 +51,7 @@ from yanray.adapters.telegram_updates import POLL_TIMEOUT, UpdatePoller
 from yanray.adapters.telegram_webhook import WebhookServer
 from yanray.bot.dispatcher import COMMANDS, Dispatcher
 from yanray.bot.errors import ConfigError, YanrayError
+from yanray.bot.i18n import N_, translator
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming, Route
 
@@ -59,14 +60,17 @@ YANRAY_COMMANDS = frozenset({"start", *(name for name, _ in COMMANDS)})
 
 logger = logging.getLogger(__name__)
 
-NON_TEXT_NOTE = (
+NON_TEXT_NOTE = N_(
     "I can only read text for now, so I can't see photos, stickers, voice messages or files. "
     "Please write your question (a caption on a photo counts)."
 )
-APOLOGY = "Sorry, something went wrong on my side. Please try again."
+APOLOGY = N_("Sorry, something went wrong on my side. Please try again.")
+#: the command menu is registered once in English (the default) and once per other language,
+#: so each user's Telegram app shows it in their app's language
+MENU_LANGUAGES = {"zh": "zh"}  # Yanray's language: Telegram's language_code
 UPDATES = ["message", "edited_message"]
 #: commands whose effect in a shared group depends on whether the sender administers it
-_MODERATED = re.compile(r"/(?:reset|system|stop)(?![A-Za-z_])", re.IGNORECASE)
+_MODERATED = re.compile(r"/(?:reset|system|stop|lang)(?![A-Za-z_])", re.IGNORECASE)
 
 
 class PerChatProcessor(BaseUpdateProcessor):
@@ -194,10 +198,7 @@ class TelegramAdapter:
                 backoff=self._backoff,
             )
         try:
-            try:
-                await app.bot.set_my_commands([BotCommand(name, about) for name, about in COMMANDS])
-            except TelegramError as exc:
-                logger.warning("could not register the command menu: %s", exc)
+            await _register_menus(app.bot)
             await app.start()
             self.app, self.ctx.running = app, True
             await source.start()
@@ -327,6 +328,7 @@ class TelegramAdapter:
             is_private=private,
             shared=not private and self.settings.telegram_group_mode == "shared",
             route=route,
+            language=user.language_code,
         )
 
     def _stream(
@@ -354,7 +356,9 @@ class TelegramAdapter:
             await self._store_blocked(message.chat.id, False)
         if text is None:
             if message.effective_attachment is not None:
-                await self._stream(self._incoming(message, "")).send(NON_TEXT_NOTE)
+                incoming = self._incoming(message, "")
+                tr = translator(await self.dispatcher.language(incoming))
+                await self._stream(incoming).send(tr.gettext(NON_TEXT_NOTE))
             return  # service messages (members joining, pins...) are not for Yanray
         incoming = self._incoming(message, text)
         if incoming.shared and _MODERATED.match(text):
@@ -395,8 +399,11 @@ class TelegramAdapter:
         chat = update.effective_chat if isinstance(update, Update) else None
         if chat is None or chat.id in self.ctx.blocked:
             return
+        user = update.effective_user if isinstance(update, Update) else None
+        # no storage here: what failed may be the database
+        language = self.dispatcher.hint_language(user.language_code if user is not None else None)
         try:
-            await context.bot.send_message(chat.id, APOLOGY)
+            await context.bot.send_message(chat.id, translator(language).gettext(APOLOGY))
         except TelegramError as exc:
             logger.warning("chat %s: the apology could not be sent: %s", chat.id, exc)
 
@@ -415,3 +422,16 @@ async def _initialize(app: Application[Any, Any, Any, Any, Any, Any], base_url: 
         raise YanrayError(f"Telegram cannot be reached at {base_url} ({exc}); check the network") from exc
     except TelegramError as exc:
         raise YanrayError(f"Telegram refused to start the bot ({exc})") from exc
+
+
+async def _register_menus(bot: Bot) -> None:
+    """The command menu in English for every user, and in Chinese for Chinese apps. A refusal
+    is logged: the commands still work when typed."""
+    menus: list[tuple[str | None, str]] = [(None, "en"), *MENU_LANGUAGES.items()]
+    for language_code, language in menus:
+        tr = translator(language)
+        commands = [BotCommand(name, tr.gettext(about)) for name, about in COMMANDS]
+        try:
+            await bot.set_my_commands(commands, language_code=language_code)
+        except TelegramError as exc:
+            logger.warning("could not register the command menu (%s): %s", language_code or "default", exc)

@@ -17,6 +17,7 @@ from types import TracebackType
 from yanray.bot.context import MIN_QUESTION_TOKENS
 from yanray.bot.dispatcher import Dispatcher
 from yanray.bot.errors import ConfigError
+from yanray.bot.i18n import LANGUAGES
 from yanray.bot.queue import RequestQueue
 from yanray.bot.settings import Settings
 from yanray.bot.tools import build_tools
@@ -59,7 +60,11 @@ class Core:
         """Refuse a context that cannot hold the instructions, the reply and a question:
         such a bot would answer every message with "too long"."""
         settings = self.settings
-        fixed, room = self.worker.question_room(settings.system_prompt)
+        # every language's default prompt can be a conversation's: the tightest one counts
+        fixed, room = min(
+            (self.worker.question_room(settings.default_prompt(language)) for language in LANGUAGES),
+            key=lambda counts: counts[1],
+        )
         if room >= MIN_QUESTION_TOKENS:
             return
         context = (

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         "chat",
         help="talk to Yanray in this terminal",
         description="Talk to Yanray in this terminal. With a pipe as input: one message per line, "
-        "each complete reply followed by a blank line; exits at end of input.",
+        "each complete reply followed by a blank line; exits at end of input. Yanray's own texts "
+        "are in the terminal's language (LANG; English or Chinese) unless YANRAY_LANGUAGE or /lang says otherwise.",
     )
     commands.add_parser(
         "run",

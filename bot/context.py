@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from yanray.bot.errors import ContextTooLong
+from yanray.bot.i18n import lazy_gettext
 from yanray.bot.tools import Tool
 from yanray.engine.base import ChatMessage, Engine, ToolSpec
 
@@ -90,13 +91,21 @@ def fit_history(
     newest = costs[-1] if costs else 0
     if fixed >= budget:
         raise ContextTooLong(
-            f"My instructions for this conversation take about {fixed} tokens, more than the "
-            f"{budget} I can read; shorten them with /system, or /system default."
+            lazy_gettext(
+                "My instructions for this conversation take about {fixed} tokens, more than the "
+                "{budget} I can read; shorten them with /system, or /system default.",
+                fixed=fixed,
+                budget=budget,
+            )
         )
     if fixed + newest > budget:
         raise ContextTooLong(
-            f"Your message is too long for me: about {newest} tokens, and at most "
-            f"{max(budget - fixed, 0)} fit. Please shorten it or send it in parts."
+            lazy_gettext(
+                "Your message is too long for me: about {tokens} tokens, and at most "
+                "{room} fit. Please shorten it or send it in parts.",
+                tokens=newest,
+                room=max(budget - fixed, 0),
+            )
         )
     total = fixed + sum(costs)
     first = 0

@@ -15,8 +15,12 @@ Where the design is silent:
 - The rate limit is a sliding minute per user, in memory (`YANRAY_RATE_LIMIT_PER_MINUTE`).
   Questions, edits that regenerate an answer, `/retry` and setting `/system` (which costs a
   count of the new prompt's tokens) count against it; other commands are cheap and do not.
-- In a shared conversation (a group whose members share one), `/reset` and setting
-  `/system` belong to the chat's moderators (`Incoming.moderator`: Telegram group
+- `/lang en|zh` keeps the language of Yanray's own texts with the conversation (`/lang auto`
+  forgets it); see `bot/i18n.py` for the order. What the dispatcher says to someone is in the
+  language resolved for their message; a question's job carries it, and so does its stored
+  route (`route["language"]`), so a request recovered after a restart is answered in it too.
+- In a shared conversation (a group whose members share one), `/reset`, setting
+  `/system` and `/lang` belong to the chat's moderators (`Incoming.moderator`: Telegram group
   administrators, Discord members with Manage Messages) and `YANRAY_ADMINS`; `/stop`
   stops the asker's own answers, and a moderator's stops everyone's.
 """
@@ -32,6 +36,7 @@ from typing import Any
 
 from yanray.bot.context import MIN_QUESTION_TOKENS
 from yanray.bot.errors import QueueFull
+from yanray.bot.i18n import LANGUAGE_NAMES, LANGUAGES, N_, normalize, resolve, translator
 from yanray.bot.queue import Job, RequestQueue
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming, ReplyStream
@@ -40,40 +45,50 @@ from yanray.storage import Conversation, Database, User, crud
 
 logger = logging.getLogger(__name__)
 
+#: the command menus' entries (Telegram's menu, Discord's slash commands), msgids of the catalog
 COMMANDS: list[tuple[str, str]] = [
-    ("help", "What I can do and how to use me"),
-    ("reset", "Start a fresh conversation (old messages stay stored)"),
-    ("stop", "Stop the answer being written or waiting"),
-    ("retry", "Write the last answer again"),
-    ("history", "Show the last messages of this conversation: /history [n]"),
-    ("system", "Show or set this conversation's instructions: /system [text|default]"),
+    ("help", N_("What I can do and how to use me")),
+    ("reset", N_("Start a fresh conversation (old messages stay stored)")),
+    ("stop", N_("Stop the answer being written or waiting")),
+    ("retry", N_("Write the last answer again")),
+    ("history", N_("Show the last messages of this conversation: /history [n]")),
+    ("system", N_("Show or set this conversation's instructions: /system [text|default]")),
+    ("lang", N_("Show or choose my language: /lang [en|zh|auto]")),
 ]
 MAX_MESSAGE_CHARS = 100_000
 MAX_SYSTEM_CHARS = 4_000
 HISTORY_DEFAULT, HISTORY_MAX, HISTORY_CLIP = 10, 50, 300
 _COMMAND = re.compile(r"^/([A-Za-z_]++)(?:@\w++)?(?:\s++(.*+))?$", re.DOTALL)
-RATE_LIMITED = "You're sending messages faster than I can read them; wait a minute and try again."
+RATE_LIMITED = N_("You're sending messages faster than I can read them; wait a minute and try again.")
 MODERATORS_ONLY = {
-    "reset": "In this shared conversation only the chat's admins can /reset it.",
-    "system": "In this shared conversation only the chat's admins can change my instructions.",
+    "reset": N_("In this shared conversation only the chat's admins can /reset it."),
+    "system": N_("In this shared conversation only the chat's admins can change my instructions."),
+    "lang": N_("In this shared conversation only the chat's admins can change my language."),
 }
+STOPPED = N_("Stopped.")
+REPLACED = N_("Replaced by your edited message.")
 
-HELP = """I'm Yanray, a personal assistant running on a local language model. Just write to me.
+HELP = N_("""I'm Yanray, a personal assistant running on a local language model. Just write to me.
 I remember our conversation and can use a calculator while answering.
 
 /reset - start a fresh conversation
 /stop - stop the current answer
 /retry - write the last answer again
 /history [n] - show the last n messages
-/system [text] - show or set my instructions for this conversation (/system default to undo)"""
+/system [text] - show or set my instructions for this conversation (/system default to undo)
+/lang [en|zh|auto] - show or choose my language (auto: your app's)""")
 
 
-def position_text(position: int) -> str:
-    """A queue notice for place `position` in line (1: next, once the answer being written is done)."""
+def position_text(position: int, language: str = "en") -> str:
+    """The queue notice for place `position` in line (1: next, once the answer being written
+    is done), in `language`: the one wording of it on every platform."""
+    tr = translator(language)
     if position <= 1:
-        return "You're next."
+        return tr.gettext("You're next.")
     ahead = position - 1
-    return f"{ahead} request{'s are' if ahead > 1 else ' is'} ahead of yours."
+    return tr.ngettext(
+        "{count} request is ahead of yours.", "{count} requests are ahead of yours.", ahead
+    ).format(count=ahead)
 
 
 class Dispatcher:
@@ -94,42 +109,68 @@ class Dispatcher:
             if who not in self._refused:
                 self._refused.add(who)
                 logger.info("refused %s (not in YANRAY_ALLOWED_USERS)", who)
-                await out.send(f"Sorry, I only answer people my owner allowed. Your id is {who}.")
+                tr = translator(self.hint_language(incoming.language))  # strangers get no stored row
+                await out.send(
+                    tr.gettext("Sorry, I only answer people my owner allowed. Your id is {who}.").format(
+                        who=who
+                    )
+                )
             return
         if len(incoming.text) > MAX_MESSAGE_CHARS:  # before any parsing
             logger.info("refused a message of %d characters from %s", len(incoming.text), who)
+            tr = translator(await self.language(incoming))
             await out.send(
-                f"Your message is too long (over {MAX_MESSAGE_CHARS:,} characters). "
-                "Please shorten it or send it in parts."
+                tr.gettext(
+                    "Your message is too long (over {limit} characters). "
+                    "Please shorten it or send it in parts."
+                ).format(limit=f"{MAX_MESSAGE_CHARS:,}")
             )
             return
         text = incoming.text.strip()
         match = _COMMAND.match(text)
         command = match.group(1).lower() if match else ""
         if command in ("start", "help"):
-            await out.send(HELP)
+            await out.send(translator(await self.language(incoming)).gettext(HELP))
             return
-        if command in ("reset", "stop", "retry", "history", "system"):
+        if command in ("reset", "stop", "retry", "history", "system", "lang"):
             argument = (match.group(2) or "").strip() if match else ""
+            conversation = await self._conversation(incoming)
+            language = self._resolve(conversation.language, incoming)
+            tr = translator(language)
             if incoming.shared and command in MODERATORS_ONLY and not self._moderates(incoming, who):
-                if command == "reset" or argument:  # showing the instructions is for everyone
-                    await out.send(MODERATORS_ONLY[command])
+                if command == "reset" or argument:  # showing the settings is for everyone
+                    await out.send(tr.gettext(MODERATORS_ONLY[command]))
                     return
             costly = command == "retry" or (command == "system" and argument)
             if costly and not self._within_rate(who):
-                await out.send(RATE_LIMITED)
+                await out.send(tr.gettext(RATE_LIMITED))
                 return
-            conversation = await self._conversation(incoming)
-            await getattr(self, f"_cmd_{command}")(conversation, argument, incoming, out)
+            await getattr(self, f"_cmd_{command}")(conversation, argument, incoming, out, language)
             return
         if not text:
-            await out.send("Ask me anything: write your question after the mention.")
+            tr = translator(await self.language(incoming))
+            await out.send(tr.gettext("Ask me anything: write your question after the mention."))
             return
         if not self._within_rate(who):
             logger.info("rate limit: %s", who)
-            await out.send(RATE_LIMITED)
+            await out.send(translator(await self.language(incoming)).gettext(RATE_LIMITED))
             return
         await self._accept(incoming, text, out)
+
+    async def language(self, incoming: Incoming) -> str:
+        """The language of Yanray's own texts for this message's sender (an adapter's own
+        lines use it too): fixed by the operator, chosen with /lang, or the platform's hint."""
+        if self.settings.language != "auto":
+            return self.settings.language
+        conversation = await self._conversation(incoming)
+        return self._resolve(conversation.language, incoming)
+
+    def hint_language(self, hint: str | None) -> str:
+        """The language when no conversation is at hand (a stranger, a failed update)."""
+        return resolve(self.settings.language, None, hint)
+
+    def _resolve(self, stored: str | None, incoming: Incoming) -> str:
+        return resolve(self.settings.language, stored, incoming.language)
 
     async def handle_edit(self, incoming: Incoming, answer: Callable[[Any], ReplyStream]) -> bool:
         """The user edited a message: regenerate if it is the conversation's latest question.
@@ -162,14 +203,15 @@ class Dispatcher:
             old = await crud.latest_request(session=session, conversation_id=conversation.id)
             shown = await crud.shown_answer(session=session, user_message_id=message.id)
         previous = old.id if old is not None and old.user_message_id == message.id else None
+        language = self._resolve(conversation.language, incoming)
         out = answer(shown)
         if previous is not None:
-            await self._cancel_request(previous, "Replaced by your edited message.")
+            await self._cancel_request(previous, REPLACED)
         if not self._within_rate(who):
             logger.info("rate limit: %s edited message %s", who, incoming.message_id)
-            await out.send(RATE_LIMITED)
+            await out.send(translator(language).gettext(RATE_LIMITED))
             return True
-        await self._ask_again(conversation.id, message.id, previous, incoming, out, text=text)
+        await self._ask_again(conversation.id, message.id, previous, incoming, out, language, text=text)
         return True
 
     async def blocked_chats(self, platform: str) -> set[str]:
@@ -198,9 +240,11 @@ class Dispatcher:
         The queue place is reserved inside the transaction, once the conversation is known,
         and given back if the transaction does not commit."""
         reserved: int | None = None
+        language = self.hint_language(incoming.language)
         try:
             async with self.db.transaction() as session:
                 conversation, user = await self._get_conversation(session, incoming)
+                language = self._resolve(conversation.language, incoming)
                 if incoming.message_id is not None and await crud.find_user_message(
                     session=session, conversation_id=conversation.id, external_id=incoming.message_id
                 ):
@@ -222,17 +266,18 @@ class Dispatcher:
                     session=session,
                     conversation_id=conversation.id,
                     user_message_id=message.id,
-                    route=self._route(incoming),
+                    route=self._route(incoming, language),
                 )
         except QueueFull as exc:
             logger.info("queue full for %s:%s", incoming.platform, incoming.chat_id)
-            await out.send(str(exc))
+            await out.send(exc.say(language))
             return
         except BaseException:
             if reserved is not None:
                 self.queue.release(reserved)
             raise
-        await self._enqueue(Job(request.id, conversation.id, out, asker=self._who(incoming)), reserved=True)
+        job = Job(request.id, conversation.id, out, asker=self._who(incoming), language=language)
+        await self._enqueue(job, reserved=True)
 
     async def _enqueue(self, job: Job, *, reserved: bool = True) -> None:
         self.worker.track(job.request_id, job.out)
@@ -247,6 +292,7 @@ class Dispatcher:
         previous: int | None,
         incoming: Incoming,
         out: ReplyStream,
+        language: str,
         *,
         text: str | None = None,
     ) -> None:
@@ -254,7 +300,7 @@ class Dispatcher:
         try:
             self.queue.reserve(conversation_id)
         except QueueFull as exc:
-            await out.send(str(exc))
+            await out.send(exc.say(language))
             return
         try:
             async with self.db.transaction() as session:
@@ -265,15 +311,22 @@ class Dispatcher:
                     session=session,
                     conversation_id=conversation_id,
                     user_message_id=message_id,
-                    route=self._route(incoming),
+                    route=self._route(incoming, language),
                 )
         except BaseException:
             self.queue.release(conversation_id)
             raise
-        await self._enqueue(Job(request.id, conversation_id, out, asker=self._who(incoming)))
+        job = Job(request.id, conversation_id, out, asker=self._who(incoming), language=language)
+        await self._enqueue(job)
 
-    def _route(self, incoming: Incoming) -> dict[str, object]:
-        return {**incoming.route, "platform": incoming.platform, "asker": self._who(incoming)}
+    def _route(self, incoming: Incoming, language: str) -> dict[str, object]:
+        # the language too: a request recovered after a restart is answered in it
+        return {
+            **incoming.route,
+            "platform": incoming.platform,
+            "asker": self._who(incoming),
+            "language": language,
+        }
 
     @staticmethod
     def _who(incoming: Incoming) -> str:
@@ -282,71 +335,86 @@ class Dispatcher:
     # -- commands ----------------------------------------------------------------------
 
     async def _cmd_reset(
-        self, conversation: Conversation, _arg: str, _in: Incoming, out: ReplyStream
+        self, conversation: Conversation, _arg: str, _in: Incoming, out: ReplyStream, language: str
     ) -> None:
         async with self.db.transaction() as session:
             await crud.reset_conversation(session=session, conversation_id=conversation.id)
-        await out.send("Fresh start: I've set our earlier messages aside (they stay stored).")
+        tr = translator(language)
+        await out.send(tr.gettext("Fresh start: I've set our earlier messages aside (they stay stored)."))
 
     async def _cmd_stop(
-        self, conversation: Conversation, _arg: str, incoming: Incoming, out: ReplyStream
+        self, conversation: Conversation, _arg: str, incoming: Incoming, out: ReplyStream, language: str
     ) -> None:
         # in a shared conversation a member stops only their own answers; its moderators, all
         who = self._who(incoming)
         asker = who if incoming.shared and not self._moderates(incoming, who) else None
-        stopped = await self._cancel(conversation.id, reason="Stopped.", asker=asker)
+        stopped = await self._cancel(conversation.id, reason=STOPPED, asker=asker)
+        tr = translator(language)
         if stopped:
-            await out.send("Stopped.")
+            await out.send(tr.gettext(STOPPED))
         elif asker is not None:
-            await out.send("You have no answer to stop here (only the chat's admins can stop others').")
+            await out.send(
+                tr.gettext("You have no answer to stop here (only the chat's admins can stop others').")
+            )
         else:
-            await out.send("There is nothing to stop.")
+            await out.send(tr.gettext("There is nothing to stop."))
 
     async def _cmd_retry(
-        self, conversation: Conversation, _arg: str, incoming: Incoming, out: ReplyStream
+        self, conversation: Conversation, _arg: str, incoming: Incoming, out: ReplyStream, language: str
     ) -> None:
         async with self.db.transaction() as session:
             busy = bool(await crud.active_requests(session=session, conversation_id=conversation.id))
             last = await crud.latest_request(session=session, conversation_id=conversation.id)
+        tr = translator(language)
         if busy:
-            await out.send("I'm still answering; wait for it (or /stop it) before /retry.")
+            await out.send(tr.gettext("I'm still answering; wait for it (or /stop it) before /retry."))
             return
         if last is None or last.user_message_id <= conversation.context_start:
-            await out.send("There is no answer to retry yet.")
+            await out.send(tr.gettext("There is no answer to retry yet."))
             return
-        await self._ask_again(conversation.id, last.user_message_id, last.id, incoming, out)
+        await self._ask_again(conversation.id, last.user_message_id, last.id, incoming, out, language)
 
     async def _cmd_history(
-        self, conversation: Conversation, arg: str, _in: Incoming, out: ReplyStream
+        self, conversation: Conversation, arg: str, _in: Incoming, out: ReplyStream, language: str
     ) -> None:
+        tr = translator(language)
         count = HISTORY_DEFAULT
         if arg:
             if not arg.isdigit() or not 1 <= int(arg) <= HISTORY_MAX:
-                await out.send(f"Usage: /history [n], with n from 1 to {HISTORY_MAX}.")
+                await out.send(
+                    tr.gettext("Usage: /history [n], with n from 1 to {most}.").format(most=HISTORY_MAX)
+                )
                 return
             count = int(arg)
         async with self.db.transaction() as session:
             messages = await crud.recent_messages(session=session, conversation=conversation, limit=count)
         if not messages:
-            await out.send("Our conversation is empty.")
+            await out.send(tr.gettext("Our conversation is empty."))
             return
+        you = tr.gettext("You")
         lines = []
         for m in messages:
             text = m.text if len(m.text) <= HISTORY_CLIP else m.text[: HISTORY_CLIP - 1] + "…"
-            lines.append(f"{'You' if m.role == 'user' else 'Yanray'}: {text}")
+            lines.append(f"{you if m.role == 'user' else 'Yanray'}: {text}")
         await out.send("\n\n".join(lines))
 
     async def _cmd_system(
-        self, conversation: Conversation, arg: str, _in: Incoming, out: ReplyStream
+        self, conversation: Conversation, arg: str, _in: Incoming, out: ReplyStream, language: str
     ) -> None:
+        tr = translator(language)
         if not arg:
-            current = conversation.system_prompt or self.settings.system_prompt
-            origin = "this conversation's" if conversation.system_prompt else "the default"
-            await out.send(f"My instructions ({origin}):\n{current}")
+            if conversation.system_prompt:
+                shown = tr.gettext("My instructions (this conversation's):\n{text}")
+            else:
+                shown = tr.gettext("My instructions (the default):\n{text}")
+            current = conversation.system_prompt or self.settings.default_prompt(language)
+            await out.send(shown.format(text=current))
             return
         if len(arg) > MAX_SYSTEM_CHARS:
             await out.send(
-                f"Those instructions are too long ({len(arg)} characters; at most {MAX_SYSTEM_CHARS})."
+                tr.gettext("Those instructions are too long ({length} characters; at most {most}).").format(
+                    length=len(arg), most=MAX_SYSTEM_CHARS
+                )
             )
             return
         new = None if arg.lower() == "default" else arg
@@ -354,20 +422,64 @@ class Dispatcher:
             fixed, room = self.worker.question_room(new)
             if room < MIN_QUESTION_TOKENS:
                 await out.send(
-                    f"Those instructions are too long for my context (about {fixed} tokens; "
-                    f"at most {fixed + room - MIN_QUESTION_TOKENS} fit)."
+                    tr.gettext(
+                        "Those instructions are too long for my context (about {tokens} tokens; "
+                        "at most {most} fit)."
+                    ).format(tokens=fixed, most=fixed + room - MIN_QUESTION_TOKENS)
                 )
                 return
         async with self.db.transaction() as session:
             await crud.set_system_prompt(session=session, conversation_id=conversation.id, text=new)
-        await out.send(
-            "Back to the default instructions." if new is None else "Instructions set for this conversation."
-        )
+        if new is None:
+            await out.send(tr.gettext("Back to the default instructions."))
+        else:
+            await out.send(tr.gettext("Instructions set for this conversation."))
+
+    async def _cmd_lang(
+        self, conversation: Conversation, arg: str, incoming: Incoming, out: ReplyStream, language: str
+    ) -> None:
+        choice = arg.lower()
+        tr = translator(language)
+        if self.settings.language != "auto":
+            await out.send(
+                tr.gettext(
+                    "My owner set my language to {name} for everyone (YANRAY_LANGUAGE), so /lang "
+                    "cannot change it."
+                ).format(name=LANGUAGE_NAMES[language])
+            )
+            return
+        if not choice:
+            chosen = conversation.language in LANGUAGES
+            if chosen:
+                current = tr.gettext("I write in {name} here (chosen with /lang).")
+            else:
+                current = tr.gettext("I write in {name} here (your app's language).")
+            await out.send(
+                current.format(name=LANGUAGE_NAMES[language])
+                + "\n"
+                + tr.gettext("Choose: /lang en (English), /lang zh (简体中文), /lang auto (your app's).")
+            )
+            return
+        if choice not in (*LANGUAGES, "auto"):
+            await out.send(tr.gettext("Usage: /lang en, /lang zh or /lang auto."))
+            return
+        stored = None if choice == "auto" else choice
+        async with self.db.transaction() as session:
+            await crud.set_language(session=session, conversation_id=conversation.id, language=stored)
+        now = stored or normalize(incoming.language)
+        tr = translator(now)
+        if stored is None:
+            await out.send(
+                tr.gettext("I'll follow your app's language again: {name}.").format(name=LANGUAGE_NAMES[now])
+            )
+        else:
+            await out.send(tr.gettext("From now on I write in {name} here.").format(name=LANGUAGE_NAMES[now]))
 
     # -- helpers -----------------------------------------------------------------------
 
     async def _cancel(self, conversation_id: int, *, reason: str, asker: str | None = None) -> bool:
-        """Cancel this conversation's waiting and running requests (only `asker`'s, if given)."""
+        """Cancel this conversation's waiting and running requests (only `asker`'s, if given);
+        `reason` is a msgid, told to each asker in their job's language."""
         waiting = self.queue.cancel_conversation(conversation_id, asker=asker)
         await self._close_cancelled(waiting, reason)
         running = self.worker.cancel_running(conversation_id, reason=reason, asker=asker)
@@ -386,14 +498,15 @@ class Dispatcher:
     async def _close_cancelled(self, jobs: list[Job], reason: str) -> None:
         if not jobs:
             return
+        said = {job: translator(job.language).gettext(reason) for job in jobs}
         async with self.db.transaction() as session:
             for job in jobs:
                 await crud.finish_request(
-                    session=session, request_id=job.request_id, status="cancelled", error=reason
+                    session=session, request_id=job.request_id, status="cancelled", error=said[job]
                 )
                 await crud.mark_delivered(session=session, request_id=job.request_id)
         for job in jobs:
-            await job.out.fail(reason)
+            await job.out.fail(said[job])
 
     async def _conversation(self, incoming: Incoming) -> Conversation:
         async with self.db.transaction() as session:

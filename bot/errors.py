@@ -8,6 +8,7 @@ and are re-exported here so the bot and the adapters import all their errors fro
 
 from __future__ import annotations
 
+from yanray.bot.i18n import Text
 from yanray.errors import ConfigError, EngineError, EngineUnavailable, StorageError, YanrayError
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ContextTooLong",
     "EngineError",
     "EngineUnavailable",
+    "LocalizedError",
     "QueueFull",
     "StorageError",
     "ToolError",
@@ -27,11 +29,22 @@ class AdapterFailed(YanrayError):
     """A platform adapter lost its platform for good while running; `yanray run` stops."""
 
 
-class ContextTooLong(YanrayError):
+class LocalizedError(YanrayError):
+    """An error the user is told about in their language: `say(language)`; `str()` is English."""
+
+    def __init__(self, text: Text) -> None:
+        super().__init__(str(text))
+        self.text = text
+
+    def say(self, language: str) -> str:
+        return self.text.render(language)
+
+
+class ContextTooLong(LocalizedError):
     """A single message does not fit the model's context, even alone."""
 
 
-class QueueFull(YanrayError):
+class QueueFull(LocalizedError):
     """The request queue is full (overall or for this conversation)."""
 
 

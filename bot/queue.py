@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass, field
 
 from yanray.bot.errors import QueueFull
+from yanray.bot.i18n import DEFAULT_LANGUAGE, lazy_gettext, lazy_ngettext
 from yanray.bot.types import ReplyStream
 
 
@@ -30,11 +31,13 @@ class Job:
     conversation_id: int
     out: ReplyStream
     cancel: threading.Event = field(default_factory=threading.Event)
-    #: what the user is told when the job is cancelled
+    #: what the user is told when the job is cancelled (in `language`)
     cancel_reason: str = "Stopped."
     #: who asked ("platform:user id"), so that in a shared conversation /stop stops only
     #: the asker's own answers; "" when unknown (a request stored by an older Yanray)
     asker: str = ""
+    #: the language the core's own texts about this job are written in ("en", "zh")
+    language: str = DEFAULT_LANGUAGE
 
 
 class RequestQueue:
@@ -58,13 +61,20 @@ class RequestQueue:
     def reserve(self, conversation_id: int) -> None:
         """Claim a place for a request about to be stored, or raise `QueueFull`."""
         if len(self._jobs) + sum(self._reserved.values()) >= self.max_total:
-            raise QueueFull("I'm busy with many requests right now; please try again in a few minutes.")
+            raise QueueFull(
+                lazy_gettext("I'm busy with many requests right now; please try again in a few minutes.")
+            )
         mine = self._waiting(conversation_id) + self._reserved.get(conversation_id, 0)
         if self.running is not None and self.running.conversation_id == conversation_id:
             mine += 1
         if mine >= self.max_per_conversation:
             raise QueueFull(
-                f"You already have {mine} requests waiting; wait for their answers (or /stop them) first."
+                lazy_ngettext(
+                    "You already have {count} request waiting; wait for its answer (or /stop it) first.",
+                    "You already have {count} requests waiting; wait for their answers (or /stop them) first.",
+                    mine,
+                    count=mine,
+                )
             )
         self._reserved[conversation_id] = self._reserved.get(conversation_id, 0) + 1
 

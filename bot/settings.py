@@ -33,13 +33,16 @@ from pydantic_settings import (
 )
 
 from yanray.bot.errors import ConfigError
+from yanray.bot.i18n import N_, translator
 
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "YANRAY_"
 SECRET_FIELDS = frozenset({"openai_api_key", "telegram_token", "telegram_webhook_secret", "discord_token"})
 DEFAULT_MODEL = "THUDM/chatglm3-6b-32k"
-DEFAULT_SYSTEM_PROMPT = (
+#: the persona when the operator sets none, in each language through the catalog (a Chinese
+#: user gets the Chinese one: Yanray's persona is Chinese in origin)
+DEFAULT_SYSTEM_PROMPT = N_(
     "You are Yanray, a helpful, honest and concise personal assistant. "
     "Answer in the language the user writes in."
 )
@@ -113,6 +116,8 @@ class Settings(BaseSettings):
     allowed_users: CommaList = Field(default_factory=list)  # "telegram:123", "discord:456"; empty = all
     admins: CommaList = Field(default_factory=list)
     rate_limit_per_minute: int = Field(default=20, ge=0)  # 0: no limit
+    #: Yanray's own texts: "auto" follows /lang, then the platform's hint; "en"/"zh" for everyone
+    language: Literal["auto", "en", "zh"] = "auto"
 
     # -- telegram ----------------------------------------------------------------------
     telegram_token: SecretStr | None = None
@@ -216,6 +221,13 @@ class Settings(BaseSettings):
         if toml_path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
+
+    def default_prompt(self, language: str) -> str:
+        """The instructions of a conversation without its own: `YANRAY_SYSTEM_PROMPT` when the
+        operator set it, else the built-in persona in `language`."""
+        if "system_prompt" in self.model_fields_set:
+            return self.system_prompt
+        return translator(language).gettext(DEFAULT_SYSTEM_PROMPT)
 
     @property
     def resolved_database_url(self) -> str:

@@ -42,6 +42,9 @@ class Incoming:
     #: Manage Messages there); in a shared conversation only they (and YANRAY_ADMINS) may
     #: /reset it, change its /system instructions or /stop someone else's answer
     moderator: bool = False
+    #: the platform's language hint for the sender (Telegram's `language_code`, Discord's
+    #: locale, the terminal's `LANG`); `bot/i18n.py` turns it into "en" or "zh"
+    language: str | None = None
 
     @property
     def conversation_user(self) -> str:

@@ -40,6 +40,7 @@ from typing import Any
 
 from yanray.bot.context import TokenCounter, fit_history, system_prompt
 from yanray.bot.errors import ContextTooLong, EngineError
+from yanray.bot.i18n import N_, normalize, translator
 from yanray.bot.queue import Job, RequestQueue
 from yanray.bot.settings import Settings
 from yanray.bot.toolloop import LoopResult, ToolLoop
@@ -61,10 +62,12 @@ PROGRESS_INTERVAL_S = 0.1
 #: token, a running tool is abandoned); an engine that does not react by then is cut off here
 HARD_STOP_GRACE_S = 5.0
 HISTORY_PAGE = 64  # messages read back at first; more only while they all fit the budget
-APOLOGY = "Sorry, something went wrong while answering. Please try again."
+APOLOGY = N_("Sorry, something went wrong while answering. Please try again.")
 #: runs that may die while answering one request before it is given up at the next start
 MAX_ATTEMPTS = 2
-INTERRUPTED = "Sorry, I stopped twice while answering this, so I gave up on it. Please ask in another way."
+INTERRUPTED = N_(
+    "Sorry, I stopped twice while answering this, so I gave up on it. Please ask in another way."
+)
 
 
 def to_chat(message: Message) -> ChatMessage:
@@ -195,16 +198,17 @@ class EngineWorker:
                     self.idle.set()
 
     def cancel_running(
-        self, conversation_id: int, *, reason: str = "Stopped.", asker: str | None = None
+        self, conversation_id: int, *, reason: str = N_("Stopped."), asker: str | None = None
     ) -> Job | None:
-        """Cancel the answer being written for this conversation (only if `asker` asked it, if given)."""
+        """Cancel the answer being written for this conversation (only if `asker` asked it, if
+        given); `reason` is a msgid, told in the job's language."""
         job = self.queue.running
         if (
             job is not None
             and job.conversation_id == conversation_id
             and (asker is None or job.asker == asker)
         ):
-            job.cancel_reason = reason
+            job.cancel_reason = translator(job.language).gettext(reason)
             job.cancel.set()
             return job
         return None
@@ -246,14 +250,16 @@ class EngineWorker:
                 route["shown"] = request.shown
             out = adapter.reopen(route)
             self.track(request.id, out)
+            language = normalize(str(request.route.get("language", "")))  # "en" if stored without
             if request.status in ("done", "failed"):
                 await self._deliver(
-                    request.id, out, request.reply_text, request.status == "done", request.error
+                    request.id, out, request.reply_text, request.status == "done", request.error, language
                 )
                 continue
+            interrupted = translator(language).gettext(INTERRUPTED)
             async with self.db.transaction() as session:
                 poisoned = await crud.fail_interrupted(
-                    session=session, request_id=request.id, max_attempts=MAX_ATTEMPTS, error=INTERRUPTED
+                    session=session, request_id=request.id, max_attempts=MAX_ATTEMPTS, error=interrupted
                 )
                 if not poisoned:
                     await crud.requeue(session=session, request_id=request.id)
@@ -263,10 +269,11 @@ class EngineWorker:
                     request.id,
                     request.attempts,
                 )
-                await self._deliver(request.id, out, None, False, INTERRUPTED)
+                await self._deliver(request.id, out, None, False, interrupted, language)
                 continue
             asker = str(request.route.get("asker", ""))
-            self.queue.put(Job(request.id, request.conversation_id, out, asker=asker), reserved=False)
+            job = Job(request.id, request.conversation_id, out, asker=asker, language=language)
+            self.queue.put(job, reserved=False)
             count += 1
         if count:
             logger.info("re-queued %d requests left unanswered by the last run", count)
@@ -281,13 +288,14 @@ class EngineWorker:
             assert conversation is not None
             history = await self._load_history(session, conversation, request.user_message_id)
             turn = request.user_message_id
-            base_prompt = conversation.system_prompt or self.settings.system_prompt
+            base_prompt = conversation.system_prompt or self.settings.default_prompt(job.language)
         try:
             await job.out.started()
         except Exception:  # showing "typing" is cosmetic; the answer still goes out
             logger.exception("request %d: the platform refused the typing notice", job.request_id)
         limit = self.settings.request_timeout
         timed_out = False
+        tr = translator(job.language)
 
         def deadline() -> None:
             # stop the answer the way /stop does, so what was written so far is kept and shown
@@ -304,28 +312,33 @@ class EngineWorker:
                 finally:
                     timer.cancel()  # storing and delivering are not part of the answer's time
         except ContextTooLong as exc:
-            await self._close(job, "failed", error=str(exc))
+            await self._close(job, "failed", error=exc.say(job.language))
         except TimeoutError:
             job.cancel.set()
             logger.warning("request %d: the engine did not stop at the time limit", job.request_id)
-            await self._close(job, "failed", error=f"That took too long (over {limit:g} s) and was stopped.")
+            error = tr.gettext("That took too long (over {seconds} s) and was stopped.").format(
+                seconds=f"{limit:g}"
+            )
+            await self._close(job, "failed", error=error)
         except EngineError as exc:
             logger.warning("request %d: engine error: %s", job.request_id, exc)
             await self._close(job, "failed", error=str(exc))
         except Exception:
             logger.exception("request %d failed unexpectedly", job.request_id)
-            await self._close(job, "failed", error=APOLOGY)
+            await self._close(job, "failed", error=tr.gettext(APOLOGY))
         else:
             if timed_out:
                 logger.info("request %d: stopped at the time limit of %g s", job.request_id, limit)
-                note = f"Stopped: that took longer than {limit:g} s."
+                note = tr.gettext("Stopped: that took longer than {seconds} s.").format(seconds=f"{limit:g}")
                 await self._close(job, "done", rounds=result, turn=turn, note=note)
             # cancelled while the answer was being stored counts too: a /stop, or an edit whose
             # new request has already set this answer aside
             elif result.finish == "cancelled" or job.cancel.is_set():
                 await self._close(job, "cancelled", error=job.cancel_reason, rounds=result, turn=turn)
             elif result.finish == "length":
-                note = f"Cut short: the answer reached its limit of {self.settings.max_new_tokens:,} tokens."
+                note = tr.gettext("Cut short: the answer reached its limit of {tokens} tokens.").format(
+                    tokens=f"{self.settings.max_new_tokens:,}"
+                )
                 await self._close(job, "done", rounds=result, turn=turn, note=note)
             else:
                 await self._close(job, "done", rounds=result, turn=turn)
@@ -384,7 +397,7 @@ class EngineWorker:
         if note is not None:
             reply = f"{reply}\n\n[{note}]" if reply else f"[{note}]"
         if status == "done" and not reply:
-            reply = "(I have no answer to that.)"
+            reply = translator(job.language).gettext("(I have no answer to that.)")
         async with self.db.transaction() as session:
             request = await crud.get_request(session=session, request_id=job.request_id)
             if request is None:
@@ -398,11 +411,13 @@ class EngineWorker:
             # Delivered before the next job starts: an edit's new answer reuses this message.
             # What was already written stays, marked as cut short.
             cut = f"{reply}\n\n[{error}]" if reply else None
-            await self._deliver(job.request_id, job.out, cut, cut is not None, error)
+            await self._deliver(job.request_id, job.out, cut, cut is not None, error, job.language)
             return
         # Delivery can wait on a platform's rate limit (a group's edit slot); the engine need
         # not: the final text goes out in the background while the next job runs.
-        task = asyncio.create_task(self._deliver(job.request_id, job.out, reply, status == "done", error))
+        task = asyncio.create_task(
+            self._deliver(job.request_id, job.out, reply, status == "done", error, job.language)
+        )
         self.deliveries.add(task)
         task.add_done_callback(self.deliveries.discard)
 
@@ -435,25 +450,32 @@ class EngineWorker:
     async def _give_up(self, job: Job) -> None:
         """Close a request that broke outside generation as failed, with an apology; if even
         that fails (the database is gone), it stays in the journal for the next start."""
+        apology = translator(job.language).gettext(APOLOGY)
         try:
-            await self._close(job, "failed", error=APOLOGY)
+            await self._close(job, "failed", error=apology)
         except Exception:
             logger.exception(
                 "request %d: could not be closed; it is retried at the next start", job.request_id
             )
             try:
-                await job.out.fail(APOLOGY)
+                await job.out.fail(apology)
             except Exception:
                 logger.exception("request %d: could not tell the user either", job.request_id)
 
     async def _deliver(
-        self, request_id: int, out: ReplyStream, reply: str | None, ok: bool, error: str | None
+        self,
+        request_id: int,
+        out: ReplyStream,
+        reply: str | None,
+        ok: bool,
+        error: str | None,
+        language: str,
     ) -> None:
         try:
             if ok and reply is not None:
                 await out.finish(reply)
             else:
-                await out.fail(error or APOLOGY)
+                await out.fail(error or translator(language).gettext(APOLOGY))
         except Exception:
             # The adapter could not deliver (it logged why); the answer stays stored and undelivered.
             logger.exception("request %d: the answer could not be delivered", request_id)

@@ -294,6 +294,12 @@ async def set_system_prompt(*, session: AsyncSession, conversation_id: int, text
     )
 
 
+async def set_language(*, session: AsyncSession, conversation_id: int, language: str | None) -> None:
+    await session.execute(
+        update(Conversation).where(Conversation.id == conversation_id).values(language=language)
+    )
+
+
 async def recent_messages(*, session: AsyncSession, conversation: Conversation, limit: int) -> list[Message]:
     """The last `limit` user and assistant messages in context, oldest first (for /history)."""
     result = await session.scalars(

@@ -47,6 +47,8 @@ class Conversation(Base):
     chat_id: Mapped[str] = mapped_column(String(64))
     user_key: Mapped[str] = mapped_column(String(64))
     system_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: "en" or "zh" chosen with /lang; None follows the platform's hint
+    language: Mapped[str | None] = mapped_column(String(8), nullable=True)
     context_start: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -10,14 +10,18 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAI
+from yanray.bot.dispatcher import HELP
 from yanray.bot.errors import ConfigError
+from yanray.bot.i18n import translator
 from yanray.bot.settings import load_settings
 from yanray.storage import Database, StorageError
 
 
 def env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("YANRAY_")}
-    base.update({"YANRAY_DATA_DIR": str(tmp_path / "data"), "YANRAY_TEMPERATURE": "0"})
+    # an English terminal, whatever this machine's locale (Yanray's own texts follow it)
+    dropped = ("YANRAY_", "LANGUAGE", "LC_ALL", "LC_MESSAGES")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
+    base.update({"YANRAY_DATA_DIR": str(tmp_path / "data"), "YANRAY_TEMPERATURE": "0", "LANG": "C.UTF-8"})
     base.update(extra)
     return base
 
@@ -64,6 +68,26 @@ async def test_chat_through_a_pipe_answers_each_line_and_remembers(tmp_path: Pat
     assert out == "You asked about 6.5 times 7.5.\n\n"
     seen = [m["content"] for m in fake.requests[-1]["messages"] if m["role"] == "user"]
     assert seen[0] == "hi" and seen[-1] == "what did I ask?"
+
+
+async def test_chat_answers_in_the_operators_or_the_terminals_language(tmp_path: Path) -> None:
+    zh_help = translator("zh").gettext(HELP)
+    async with FakeOpenAI(replies=[]) as fake:
+        environ = env(tmp_path, YANRAY_ENGINE="openai", YANRAY_OPENAI_BASE_URL=fake.base_url)
+        code, out, err = await yanray(["chat"], {**environ, "YANRAY_LANGUAGE": "zh"}, "/help\n", cwd=tmp_path)
+        assert code == 0, err
+        assert out == f"{zh_help}\n\n" and out.startswith("我是 Yanray")
+        code, out, err = await yanray(["chat"], environ, "/help\n", cwd=tmp_path)
+        assert (code, out) == (0, f"{HELP}\n\n"), err
+        code, out, err = await yanray(["chat"], {**environ, "LANG": "zh_CN.UTF-8"}, "/help\n", cwd=tmp_path)
+        assert (code, out) == (0, f"{zh_help}\n\n"), err
+        # /lang en outlasts the process, and beats the terminal's language
+        code, out, err = await yanray(
+            ["chat"], {**environ, "LANG": "zh_CN.UTF-8"}, "/lang en\n", cwd=tmp_path
+        )
+        assert (code, out) == (0, "From now on I write in English here.\n\n"), err
+        code, out, err = await yanray(["chat"], {**environ, "LANG": "zh_CN.UTF-8"}, "/help\n", cwd=tmp_path)
+        assert (code, out) == (0, f"{HELP}\n\n"), err
 
 
 async def test_chat_with_an_unreachable_engine_says_so_in_one_line(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ from tests.scripted_engine import ScriptedEngine
 from yanray.adapters.discord import APOLOGY, REFUSAL, DiscordAdapter
 from yanray.adapters.split import join_parts
 from yanray.bot.app import Core
+from yanray.bot.dispatcher import COMMANDS
+from yanray.bot.i18n import translator
 from yanray.bot.types import Adapter, Incoming, ReplyStream
 
 pytestmark = pytest.mark.asyncio
@@ -249,6 +251,41 @@ async def test_slash_reset_forgets_the_conversation(make_bot, fake: FakeDiscord)
     await fake.wait_for(lambda: "Fresh start" in getattr(fake.interaction_response(iid), "content", ""))
     await bot.answer(await bot.ask("what is my name?"))
     assert not any("Alice" in m.content for m in bot.engine.prompts[1])
+
+
+async def test_a_slash_command_is_answered_in_the_interactions_locale(make_bot, fake: FakeDiscord) -> None:
+    bot = await make_bot(["Noted."])
+    iid = await fake.slash("reset", fake.alice, locale="zh-CN")
+    await fake.wait_for(lambda: fake.interaction_response(iid))
+    await bot.settle()
+    assert fake.interaction_response(iid).content == "重新开始：之前的消息已经放到一边了（仍然保存着）。"
+    iid = await fake.slash("reset", fake.bob)  # an English Discord app
+    await fake.wait_for(lambda: fake.interaction_response(iid))
+    await bot.settle()
+    assert fake.interaction_response(iid).content.startswith("Fresh start")
+
+
+async def test_slash_command_descriptions_are_localized(make_bot, fake: FakeDiscord) -> None:
+    await make_bot(["unused"])
+    synced = {c["name"]: c for c in fake.commands}
+    assert set(synced) == {"ask", "reset", "stop", "retry", "history", "system", "lang"}
+    for name, about in COMMANDS:
+        if name == "help":
+            continue  # Discord lists the commands itself
+        assert synced[name]["description"] == about
+        chinese = translator("zh").gettext(about)
+        assert synced[name]["description_localizations"] == {"zh-CN": chinese, "zh-TW": chinese}
+    assert synced["ask"]["description_localizations"]["zh-CN"] == "向 Yanray 提问"
+    (question,) = synced["ask"]["options"]
+    assert question["name"] == "question", "names are not translated"
+    assert question["description_localizations"]["zh-CN"] == "你想问的问题"
+
+
+async def test_a_servers_preferred_locale_is_the_language_of_mentions(make_bot, fake: FakeDiscord) -> None:
+    fake.guild_locale = "zh-CN"
+    bot = await make_bot(["unused"])
+    mid = await bot.ask("/history")
+    assert await bot.answer(mid) == "我们的对话还是空的。"
 
 
 async def test_edited_question_regenerates_the_same_reply(make_bot, fake: FakeDiscord) -> None:

@@ -15,6 +15,7 @@ from tests.fakes.telegram_server import FakeTelegram
 from tests.scripted_engine import ScriptedEngine
 from yanray.adapters.telegram import NON_TEXT_NOTE
 from yanray.bot.dispatcher import COMMANDS, HELP
+from yanray.bot.i18n import translator
 from yanray.bot.settings import Settings
 from yanray.engine.base import ChatMessage
 
@@ -120,6 +121,26 @@ async def test_shared_group_mode_shares_one_history(
         await fake.wait_for(lambda: len(fake.messages(GROUP)) == 2)
         assert "my secret is 42" in [m.content for m in engine.prompts[-1]]
         assert fake.messages(GROUP)[1] == "2 user turns"
+
+
+async def test_help_and_the_menu_follow_each_users_telegram_language(
+    fake: FakeTelegram, make_settings: Callable[..., Settings]
+) -> None:
+    zh = translator("zh")
+    async with running_bot(fake, telegram_settings(fake, make_settings()), ScriptedEngine(["ok"])):
+        # the menu in English for everyone, and in Chinese for Chinese Telegram apps
+        assert set(fake.menus) == {"", "zh"}
+        assert [(c["command"], c["description"]) for c in fake.menus[""]] == COMMANDS
+        assert [(c["command"], c["description"]) for c in fake.menus["zh"]] == [
+            (name, zh.gettext(about)) for name, about in COMMANDS
+        ]
+        assert fake.menus["zh"][0]["description"] == "我能做什么，以及怎么用我"
+        fake.private_text(ALICE, "/help", language_code="zh-hans")
+        fake.private_text(BOB, "/help", language_code="en")
+        await fake.wait_for(lambda: fake.messages(ALICE) and fake.messages(BOB))
+        assert fake.messages(ALICE) == [zh.gettext(HELP)]
+        assert fake.messages(ALICE)[0].startswith("我是 Yanray")
+        assert fake.messages(BOB) == [HELP]
 
 
 async def test_commands_are_in_the_menu_and_work_with_the_bot_name(

@@ -65,6 +65,8 @@ class DiscordWorld:
         self.bot = user_payload(self.bot_id, "yanray", bot=True)
         #: role ids per member (alice has the helpers role)
         self.member_roles: dict[str, list[str]] = {self.alice["id"]: [self.role_id], self.bob["id"]: []}
+        #: the server's preferred locale (Community settings), sent with GUILD_CREATE
+        self.guild_locale = "en-US"
         #: every message, users' and the bot's, in the order they were created
         self.messages: dict[str, Msg] = {}
 
@@ -118,18 +120,20 @@ class DiscordWorld:
 
     def interaction_payload(
         self, name: str, command_id: str, author: dict[str, Any], options: Iterable[dict[str, Any]], cid: str,
+        locale: str = "en-US",
     ) -> dict[str, Any]:
-        """INTERACTION_CREATE for a slash command (type 2); its token is "tok-<id>"."""
+        """INTERACTION_CREATE for a slash command (type 2), from a user whose Discord app is in
+        `locale`; its token is "tok-<id>"."""
         iid = snowflake()
         data: dict[str, Any] = {
             "id": iid, "application_id": self.app_id, "type": 2, "token": f"tok-{iid}", "version": 1,
             "data": {"id": command_id, "name": name, "type": 1, "options": list(options)},
-            "channel_id": cid, "app_permissions": "0", "locale": "en-US", "attachment_size_limit": 8_000_000,
+            "channel_id": cid, "app_permissions": "0", "locale": locale, "attachment_size_limit": 8_000_000,
             "entitlements": [], "authorizing_integration_owners": {},
         }
         if self.in_guild(cid):
             roles = self.member_roles.get(author["id"], [])
-            data.update(guild_id=self.guild_id, guild_locale="en-US", context=0,
+            data.update(guild_id=self.guild_id, guild_locale=self.guild_locale, context=0,
                         channel=self.channel_json(cid, "general"),
                         member=dict(member_payload(roles), user=author, permissions="0"))
         else:
@@ -170,7 +174,7 @@ class DiscordWorld:
             "default_message_notifications": 0, "explicit_content_filter": 0, "features": [], "mfa_level": 0,
             "system_channel_id": None, "system_channel_flags": 0, "rules_channel_id": None,
             "vanity_url_code": None, "description": None, "banner": None, "premium_tier": 0,
-            "preferred_locale": "en-US", "public_updates_channel_id": None, "nsfw_level": 0,
+            "preferred_locale": self.guild_locale, "public_updates_channel_id": None, "nsfw_level": 0,
             "premium_progress_bar_enabled": False, "unavailable": False, "large": False, "member_count": 3,
             "joined_at": TIMESTAMP, "roles": [everyone, helpers], "emojis": [], "stickers": [],
             "channels": [self.channel_json(self.channel_id, "general"),

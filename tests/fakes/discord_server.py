@@ -224,10 +224,14 @@ class FakeDiscord(DiscordWorld):
         author: dict[str, Any],
         options: Iterable[dict[str, Any]] = (),
         channel_id: str | None = None,
+        locale: str = "en-US",
     ) -> str:
-        """A user runs /name (in `channel_id`, #general by default); returns the interaction id."""
+        """A user runs /name (in `channel_id`, #general by default) from a Discord app in
+        `locale`; returns the interaction id."""
         command_id = next((str(c["id"]) for c in self.commands if c["name"] == name), snowflake())
-        data = self.interaction_payload(name, command_id, author, options, channel_id or self.channel_id)
+        data = self.interaction_payload(
+            name, command_id, author, options, channel_id or self.channel_id, locale=locale
+        )
         await self.dispatch("INTERACTION_CREATE", data)
         return str(data["id"])
 

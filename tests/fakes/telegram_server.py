@@ -198,6 +198,8 @@ class FakeTelegram:
         self.sent: list[SentMessage] = []
         self.drafts: list[Draft] = []
         self.commands: list[dict[str, str]] = []
+        #: each command menu set, by its language_code ("" for the default one)
+        self.menus: dict[str, list[dict[str, str]]] = {}
         self.webhook_url = ""
         self.updates: list[tuple[int, Any]] = []  # (update_id, what getUpdates returns)
         #: the offset of each getUpdates call, in order
@@ -327,8 +329,10 @@ class FakeTelegram:
         reply_to: int | None = None,
         entities: list[dict[str, Any]] | None = None,
         extra: dict[str, Any] | None = None,
+        language_code: str | None = None,
     ) -> int:
-        """A user writes in a chat; returns the new message id."""
+        """A user writes in a chat; returns the new message id. `language_code` is the
+        language of the user's Telegram app, as Telegram sends it."""
         message_id = self._next_message_id(chat_id)
         message: dict[str, Any] = {
             "message_id": message_id,
@@ -336,6 +340,8 @@ class FakeTelegram:
             "chat": self._chat(chat_id),
             "from": self._user(user_id, first_name),
         }
+        if language_code is not None:
+            message["from"]["language_code"] = language_code
         if text is not None:
             message["text"] = text
             found = make_entities(text) + (entities or [])
@@ -607,7 +613,11 @@ class FakeTelegram:
         return True
 
     async def _api_setMyCommands(self, params: dict[str, Any]) -> Any:
-        self.commands = list(params.get("commands") or [])
+        commands = list(params.get("commands") or [])
+        language = params.get("language_code") or ""
+        self.menus[language] = commands
+        if not language:
+            self.commands = commands
         return True
 
     async def _api_getMyCommands(self, params: dict[str, Any]) -> Any:
