@@ -76,6 +76,11 @@ def position_text(position: int) -> str:
     return f"{ahead} request{'s are' if ahead > 1 else ' is'} ahead of yours."
 
 
+def queue_notice(position: int) -> str:
+    """What a waiting question shows until its answer replaces it."""
+    return f"⏳ {position_text(position)}"
+
+
 class Dispatcher:
     def __init__(
         self, *, settings: Settings, db: Database, queue: RequestQueue, worker: EngineWorker
@@ -238,7 +243,7 @@ class Dispatcher:
         self.worker.track(job.request_id, job.out)
         position = self.queue.put(job, reserved=reserved)
         if position > 0:
-            await job.out.queued(position)
+            await job.out.notice(queue_notice(position))
 
     async def _ask_again(
         self,
