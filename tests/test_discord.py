@@ -488,3 +488,22 @@ async def test_an_edit_after_a_restart_edits_the_earlier_answer(make_bot, fake: 
     await fake.wait_for(lambda: fake.replies_to(mid)[0].content == "About dogs.")
     await bot.settle()
     assert [(m.id, m.content) for m in fake.replies_to(mid)] == [(earlier.id, "About dogs.")]
+
+
+async def test_a_stopped_or_failed_answer_keeps_what_was_written(make_bot, fake: FakeDiscord) -> None:
+    engine = ScriptedEngine(responder=lambda m: "A long answer, " * 60, piece=5, delay=0.01)
+    bot = await make_bot(engine=engine)
+    mid = await bot.ask("talk to me")
+    await fake.wait_for(lambda: fake.replies_to(mid))  # a partial answer is showing
+    partial = fake.replies_to(mid)[0].content
+    stop = await bot.ask("/stop")
+    assert await bot.answer(stop) == "Stopped."
+    answer = await bot.answer(mid)
+    kept = answer.removesuffix("\n\n[Stopped.]")
+    assert answer != kept and kept.startswith(partial) and ("A long answer, " * 60).startswith(kept)
+
+    engine.responder = lambda m: "Half an answer."
+    engine.fail_after = "The model server went away."
+    again = await bot.ask("try again")
+    # the partial answer stays, with the reason below it (it used to be replaced by the reason)
+    assert await bot.answer(again) == "Half an answer.\n\n⚠️ The model server went away."

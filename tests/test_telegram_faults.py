@@ -14,8 +14,8 @@ from tests.scripted_engine import ScriptedEngine
 from yanray.adapters import telegram
 from yanray.adapters.split import join_parts
 from yanray.bot.settings import Settings
-from yanray.bot.worker import UNDELIVERABLE
 from yanray.bot.types import Incoming, ReplyStream
+from yanray.bot.worker import UNDELIVERABLE
 
 ALICE, BOB = 2001, 2002
 GROUP = -200600
