@@ -278,11 +278,22 @@ class ReplyStreamer:
                     await asyncio.sleep(
                         max(0.0, self._last_preview + self.ctx.preview_interval - loop.time())
                     )
-                async with self.shown.lock, self._slot():  # always in this order: no deadlock
+                busy = more = False
+                async with self._slot():
                     self._wake.clear()
                     if self._quiet():
                         return
-                    more = await self._preview()
+                    # never wait for the lock while holding a slot: the final text holds the
+                    # lock and waits for slots (and a preview is moot once it is written)
+                    busy = self.shown.lock.locked()
+                    if not busy:
+                        async with self.shown.lock:
+                            more = await self._preview()
+                if busy:  # another write (a successor's, the final's) first; then look again
+                    async with self.shown.lock:
+                        pass
+                    self._wake.set()
+                    continue
                 self._last_preview = loop.time()
                 if more:
                     self._wake.set()
@@ -329,7 +340,7 @@ class ReplyStreamer:
         try:
             async with self.shown.lock:
                 if self._pump is not None:
-                    self._pump.cancel()  # it waits for the lock: no write of its is in flight
+                    self._pump.cancel()  # it does not hold the lock: no write of its is in flight
                 if not self._superseded:
                     await self._write_final(text)
         finally:
