@@ -46,8 +46,8 @@ import discord
 
 from yanray.adapters.discord_client import YanrayClient, explain_failure, point_urls
 from yanray.adapters.discord_sinks import ChannelSink, InteractionSink
-from yanray.adapters.sink import Sink
-from yanray.adapters.streamer import ReplyStreamer, Shown, StreamerContext
+from yanray.adapters.sink import Shown, Sink, StreamerContext
+from yanray.adapters.streamer import ReplyStreamer
 from yanray.bot.dispatcher import Dispatcher
 from yanray.bot.errors import ConfigError
 from yanray.bot.settings import Settings

@@ -44,24 +44,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
 from yanray.adapters.sink import (
     Blocked,
     Flood,
-    Handle,
     MessageGone,
     Moved,
     Rejected,
+    Shown,
     Sink,
     SinkError,
-    Throttle,
+    StreamerContext,
     Transient,
+    digest,
 )
 from yanray.adapters.split import split_message
 from yanray.bot.errors import AdapterStopped, DeliveryRefused
@@ -70,89 +68,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_FLOOD_WAITS = 10
-
-
-def digest(part: str) -> str:
-    """What a message shows, in short: enough to tell after a restart whether it is current."""
-    return hashlib.blake2b(part.encode("utf-8", "replace"), digest_size=8).hexdigest()
-
-
-@dataclass
-class Shown:
-    """The messages showing one answer; shared with the stream that takes it over."""
-
-    messages: list[Handle] = field(default_factory=list)
-    digests: list[str] = field(default_factory=list)
-    #: held for every write, so writes (also those of a successor) never overlap
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    looked_back: bool = False
-
-    @classmethod
-    def parse(cls, value: Any) -> Shown:
-        """What `watch` reported in an earlier run; anything malformed is skipped."""
-        shown = cls()
-        for item in value if isinstance(value, list) else ():
-            if (
-                isinstance(item, list | tuple)
-                and len(item) == 2
-                and isinstance(item[0], int | str)
-                and isinstance(item[1], str)
-            ):
-                shown.messages.append(item[0])
-                shown.digests.append(item[1])
-        return shown
-
-    def as_json(self) -> list[list[Any]]:
-        return [[handle, d] for handle, d in zip(self.messages, self.digests, strict=True)]
-
-    def truncate(self, count: int) -> None:
-        del self.messages[count:], self.digests[count:]
-
-
-@dataclass
-class StreamerContext:
-    """What every stream of one adapter shares."""
-
-    edit_interval: float
-    preview_interval: float = 1.0
-    #: pauses between tries of a call that failed transiently (their number is the retries)
-    retry_delays: Sequence[float] = (0.5, 1.0, 2.0, 4.0)
-    throttle: Throttle = field(default_factory=Throttle)
-    #: chats not written to (Telegram: those that blocked the bot, kept by the adapter)
-    blocked: set[Hashable] = field(default_factory=set)
-    #: told once per stream that a chat answered 403 (key, the platform's words)
-    on_blocked: Callable[[Hashable, str], None] | None = None
-    #: the user's message -> the stream answering it in this run, for edits of that message
-    answers: OrderedDict[Hashable, ReplyStreamer] = field(default_factory=OrderedDict)
-    max_answers: int = 4096
-    live: set[ReplyStreamer] = field(default_factory=set)
-    #: small tasks (reports) that must not be garbage-collected while they run
-    background: set[asyncio.Future[None]] = field(default_factory=set)
-    #: False once the adapter stopped: previews stop, final texts raise (the core keeps them)
-    running: bool = False
-
-    def remember(self, key: Hashable, stream: ReplyStreamer) -> None:
-        self.answers[key] = stream
-        self.answers.move_to_end(key)
-        while len(self.answers) > self.max_answers:
-            self.answers.popitem(last=False)
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-    def settled(self) -> bool:
-        """No stream is showing an answer and nothing is on its way to storage."""
-        return not self.live and not self.background
-
-    async def stop(self) -> None:
-        """The adapter stops: streams stop writing (final texts raise), reports are awaited."""
-        self.running = False
-        for stream in list(self.live):
-            stream.abort()
-        if self.background:
-            await asyncio.gather(*self.background, return_exceptions=True)
 
 
 class ReplyStreamer:

@@ -48,7 +48,8 @@ from telegram.constants import ChatMemberStatus, ChatType
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, BaseUpdateProcessor, ContextTypes, MessageHandler, filters
 
-from yanray.adapters.streamer import ReplyStreamer, Shown, StreamerContext
+from yanray.adapters.sink import Shown, StreamerContext
+from yanray.adapters.streamer import ReplyStreamer
 from yanray.adapters.telegram_sink import TelegramSink
 from yanray.adapters.telegram_updates import POLL_TIMEOUT, UpdatePoller
 from yanray.adapters.telegram_webhook import WebhookServer

@@ -15,9 +15,20 @@ from typing import Any
 
 import pytest
 
-from yanray.adapters.sink import Blocked, Flood, Handle, MessageGone, Moved, Rejected, Transient
+from yanray.adapters.sink import (
+    Blocked,
+    Flood,
+    Handle,
+    MessageGone,
+    Moved,
+    Rejected,
+    Shown,
+    StreamerContext,
+    Transient,
+    digest,
+)
 from yanray.adapters.split import join_parts
-from yanray.adapters.streamer import ReplyStreamer, Shown, StreamerContext, digest
+from yanray.adapters.streamer import ReplyStreamer
 from yanray.bot.errors import AdapterStopped, DeliveryRefused
 from yanray.bot.types import ReplyStream
 
