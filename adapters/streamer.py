@@ -150,6 +150,8 @@ class ReplyStreamer:
         self.ctx.live.discard(self)
 
     def _open(self, *, final: bool = False) -> bool:
+        if self._superseded:
+            return False  # its successor answers now, also after a restart
         if not self.ctx.running:
             if final:  # the core leaves the answer undelivered; the next start sends it
                 raise AdapterStopped("the adapter has stopped; the answer is sent at the next start")

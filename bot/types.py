@@ -98,7 +98,7 @@ class ReplyStream(Protocol):
         screen becomes the answer instead of a new message beside it. When the user edits
         the question, `Dispatcher.handle_edit` hands it to the adapter's stream factory, so
         the new answer replaces the old one on the screen, restarts included. A stream whose
-        platform cannot edit, or finds its earlier messages itself, ignores it."""
+        platform cannot edit (the terminal) ignores it."""
         ...
 
 

@@ -278,11 +278,14 @@ async def test_after_the_adapter_stopped_a_final_text_raises(ctx: StreamerContex
     out = stream(ctx, sink)
     await out.progress("Partial")
     await until(lambda: sink.texts())
+    replaced = stream(ctx, MemorySink("other"))
+    replaced.successor()
     await ctx.stop()
     await out.progress("Partial and more")
     with pytest.raises(AdapterStopped):
         await out.finish("Partial and more.")
     assert sink.texts() == ["Partial"]
+    await replaced.finish("[Replaced by your edited message.]")  # its successor answers: no error
 
 
 async def test_after_a_restart_the_shown_messages_are_edited_not_repeated(ctx: StreamerContext) -> None:
