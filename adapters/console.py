@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
-from yanray.bot.dispatcher import MAX_MESSAGE_CHARS, Dispatcher, position_text
+from yanray.bot.dispatcher import MAX_MESSAGE_CHARS, Dispatcher
 from yanray.bot.i18n import environment_hint
 from yanray.bot.types import Incoming, ReplyStream, Route
 
@@ -52,9 +52,9 @@ class ConsoleStream:
         self._write(text + "\n\n")
         self.done.set()
 
-    async def queued(self, position: int) -> None:
+    async def notice(self, text: str) -> None:
         if self.streaming:
-            self._write(f"({position_text(position)})\n")
+            self._write(f"{text}\n")
 
     async def started(self) -> None:
         pass

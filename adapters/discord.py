@@ -2,8 +2,9 @@
 
 `DiscordAdapter(settings=..., dispatcher=...)` runs a discord.py client in the current
 event loop: `start()` logs in, syncs the slash commands, connects the gateway and returns
-once READY (or raises one clear line); `stop()` closes it. Replies stream through
-`discord_stream.DiscordReplyStream`; the slash commands live in `discord_commands`.
+once READY (or raises one clear line); `stop()` closes it. Replies stream through the one
+`adapters.streamer.ReplyStreamer` over a sink of `discord_sinks`; the slash commands live
+in `discord_commands`.
 
 Who is answered: any DM; in a server, a message that mentions the bot user itself
 (`@everyone`, `@here` and role mentions do not count) or replies to one of its messages.
@@ -21,7 +22,10 @@ Choices where the design is silent:
 - An edit is acted on only when Discord marks the message edited (`edited_timestamp`) and
   its text changed: link previews also arrive as MESSAGE_UPDATE.
 - After a restart, a recovered request's answer edits the earlier, partial reply to the
-  same message when it can be found in the channel history, so a user sees one answer.
+  same message: the messages the core stored (`ReplyStream.watch`), or else the reply
+  found in the channel history, so a user sees one answer.
+- A channel that answers 403 is logged once per run; each new question there is tried
+  again (permissions can be fixed while Yanray runs).
 
 Connecting (the discord.py client, intents, the REST and gateway URLs) is `discord_client`;
 it also skips (and logs once) a gateway event discord.py cannot parse, so the connection
@@ -35,15 +39,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import discord
 
 from yanray.adapters.discord_client import YanrayClient, explain_failure, point_urls
 from yanray.adapters.discord_sinks import ChannelSink, InteractionSink
-from yanray.adapters.discord_stream import DiscordReplyStream, StreamConfig
+from yanray.adapters.sink import Shown, Sink, StreamerContext
+from yanray.adapters.streamer import ReplyStreamer
 from yanray.bot.dispatcher import Dispatcher
 from yanray.bot.errors import ConfigError
 from yanray.bot.i18n import N_, translator
@@ -58,7 +62,6 @@ NON_TEXT = N_(
     "I can only read text for now. Please type your question (I can't see attachments or stickers)."
 )
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
-_REMEMBERED = 1000  # answers kept so an edit of their question can regenerate them
 
 
 class DiscordAdapter:
@@ -84,17 +87,14 @@ class DiscordAdapter:
         self._guild_ready_timeout = guild_ready_timeout
         self._client: YanrayClient | None = None
         self._task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._restore_urls: Callable[[], None] | None = None
         self._refused: set[tuple[int, int]] = set()
-        self._forbidden: set[int] = set()
-        self._answers: OrderedDict[int, DiscordReplyStream] = OrderedDict()
-        self.config = StreamConfig(
-            interval=settings.discord_edit_interval,
+        self._forbidden: set[Hashable] = set()
+        self.ctx = StreamerContext(
+            edit_interval=settings.discord_edit_interval,
             retry_delays=retry_delays,
-            wait_ready=self._wait_ready,
-            note_forbidden=self._note_forbidden,
-            spawn=self._spawn,
+            on_blocked=self._note_forbidden,
+            max_answers=1000,
         )
 
     @property
@@ -121,6 +121,7 @@ class DiscordAdapter:
         )
         if self.ready.is_set():
             self._task.add_done_callback(self._client_ended)
+            self.ctx.running = True
             return
         ready.cancel()
         failure = self._task.exception() if self._task.done() else None
@@ -136,8 +137,7 @@ class DiscordAdapter:
         client, task = self._client, self._task
         self._stopping = True
         self.ready.clear()
-        for pending in list(self._tasks):
-            pending.cancel()
+        await self.ctx.stop()
         if client is not None:
             await client.close()
         if task is not None and not task.done():
@@ -168,13 +168,7 @@ class DiscordAdapter:
     async def _wait_ready(self) -> None:
         await asyncio.wait_for(self.ready.wait(), timeout=self._ready_timeout)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    def _note_forbidden(self, channel_id: int, why: str) -> None:
+    def _note_forbidden(self, channel_id: Hashable, why: str) -> None:
         if channel_id not in self._forbidden:
             self._forbidden.add(channel_id)
             logger.warning(
@@ -183,26 +177,28 @@ class DiscordAdapter:
 
     # -- answering -----------------------------------------------------------------------
 
-    def reopen(self, route: Route) -> DiscordReplyStream:
+    def reopen(self, route: Route) -> ReplyStreamer:
+        """A stream answering at `route` again: into the messages the core stored as shown
+        (channel messages only: an interaction's token does not outlive a restart), or else
+        into the earlier reply found in the channel history."""
         reply_to = int(route["message_id"]) if route.get("message_id") else None
-        sink = ChannelSink(self.client, int(route["channel_id"]), reply_to)
+        shown = Shown.parse(route.get("shown"))
+        if any(not isinstance(handle, int) for handle in shown.messages):
+            shown = Shown()
+        sink = ChannelSink(
+            self.client, int(route["channel_id"]), reply_to, wait_ready=self._wait_ready, look_back=True
+        )
+        return self._stream(sink, reply_to, shown)
 
-        async def previous() -> list[tuple[int | str, str]]:
-            return await sink.previous(self.client.user.id) if self.client.user else []
-
-        return DiscordReplyStream(sink, self.config, adopt=previous)
-
-    def _remember(self, message_id: int, stream: DiscordReplyStream) -> None:
-        self._answers[message_id] = stream
-        self._answers.move_to_end(message_id)
-        while len(self._answers) > _REMEMBERED:
-            self._answers.popitem(last=False)
+    def _stream(self, sink: Sink, message_id: int | None, shown: Shown | None = None) -> ReplyStreamer:
+        return ReplyStreamer(self.ctx, sink, shown=shown, key=message_id)
 
     async def on_message(self, message: discord.Message) -> None:
         incoming = self._incoming(message)
         if incoming is None:
             return
-        out = DiscordReplyStream(ChannelSink(self.client, message.channel.id, message.id), self.config)
+        sink = ChannelSink(self.client, message.channel.id, message.id, wait_ready=self._wait_ready)
+        out = self._stream(sink, message.id)
         if not self._allowed(message.guild.id if message.guild else None, message.channel, incoming):
             key = (message.channel.id, message.author.id)
             if key not in self._refused:
@@ -212,7 +208,6 @@ class DiscordAdapter:
         if not incoming.text and (message.attachments or message.stickers):
             await out.send(translator(await self.dispatcher.language(incoming)).gettext(NON_TEXT))
             return
-        self._remember(message.id, out)
         try:
             await self.dispatcher.handle(incoming, out)
         except Exception:
@@ -231,18 +226,16 @@ class DiscordAdapter:
             message.guild.id if message.guild else None, message.channel, incoming
         ):
             return
-        old = self._answers.get(message.id)
-        if old is not None:
-            out = old.successor()
-        else:
-            out = self.reopen({"channel_id": message.channel.id, "message_id": message.id})
-        # made before the dispatcher decides, so the old stream holds back its last word (the
-        # stored `shown` is not needed: `reopen` finds the earlier reply in the channel history)
-        replaced = await self.dispatcher.handle_edit(incoming, lambda _shown: out)
-        if old is not None:
-            await old.settle(replaced)
-        if replaced:
-            self._remember(message.id, out)
+        # the stream answering that message in this run takes over; otherwise (after a
+        # restart) what the core stored as shown, or the earlier reply in the channel history
+        old = self.ctx.answers.get(message.id)
+
+        def answer(shown: Any) -> ReplyStreamer:
+            if old is not None:
+                return old.successor()
+            return self.reopen({"channel_id": message.channel.id, "message_id": message.id, "shown": shown})
+
+        await self.dispatcher.handle_edit(incoming, answer)
 
     async def on_slash(self, interaction: discord.Interaction[Any], text: str) -> None:
         channel_id = interaction.channel_id or 0
@@ -259,9 +252,9 @@ class DiscordAdapter:
             await interaction.response.send_message(self._say(REFUSAL, incoming), ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
-        fallback = ChannelSink(self.client, channel_id) if channel_id else None
-        out = DiscordReplyStream(InteractionSink(interaction), self.config, fallback=fallback)
-        await self.dispatcher.handle(incoming, out)
+        fallback = ChannelSink(self.client, channel_id, wait_ready=self._wait_ready) if channel_id else None
+        sink = InteractionSink(interaction, wait_ready=self._wait_ready, fallback=fallback)
+        await self.dispatcher.handle(incoming, self._stream(sink, None))
 
     # -- who is answered -------------------------------------------------------------------
 

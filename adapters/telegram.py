@@ -17,15 +17,17 @@ entity: `mention` of @botname or `text_mention` of the bot's id), a reply to one
 messages, or a command (`/cmd` or `/cmd@botname`). The mention is removed from the text.
 A caption counts as text; photos, stickers, voice and files without one get a short
 note. Access control, commands and the queue are the dispatcher's (`yanray.bot`);
-this module only builds `Incoming` and `TelegramReply` values (`telegram_stream`).
+this module only builds `Incoming` values and the streams that answer them: the one
+`adapters.streamer.ReplyStreamer` over a `telegram_sink.TelegramSink`.
 
 The updates of a batch are handled concurrently across chats but in order within a chat
 (a per-chat lock in the update processor); the next batch waits until the whole batch
 is handled, which is short: a handler stores the question and at most sends a notice.
 Edits of a user's message go to `dispatcher.handle_edit` with a stream that takes over
 the bot's earlier reply, so that reply is edited to the new answer: the stream still
-answering it in this run, or after a restart the messages that showed it, which the core
-stored with the request (`ReplyStream.watch`) and hands back to `handle_edit`'s factory. A
+answering it in this run (`ReplyStreamer.successor`), or after a restart the messages that
+showed it, which the core stored with the request (`ReplyStream.watch`) and hands back to
+`handle_edit`'s factory. A
 chat that blocked the bot is not written to until a message from it arrives again; the
 core stores the set (`Dispatcher.note_blocked`), read back at start, so a restart keeps it.
 """
@@ -38,7 +40,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from telegram import Bot, BotCommand, Message, MessageEntity, Update
@@ -46,7 +48,9 @@ from telegram.constants import ChatMemberStatus, ChatType
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, BaseUpdateProcessor, ContextTypes, MessageHandler, filters
 
-from yanray.adapters.telegram_stream import StreamContext, TelegramReply
+from yanray.adapters.sink import Shown, StreamerContext
+from yanray.adapters.streamer import ReplyStreamer
+from yanray.adapters.telegram_sink import TelegramSink
 from yanray.adapters.telegram_updates import POLL_TIMEOUT, UpdatePoller
 from yanray.adapters.telegram_webhook import WebhookServer
 from yanray.bot.dispatcher import COMMANDS, Dispatcher
@@ -55,6 +59,7 @@ from yanray.bot.i18n import N_, translator
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming, Route
 
+MAX_NETWORK_TRIES = 5
 #: the command words the dispatcher answers (start is Telegram's first-contact command)
 YANRAY_COMMANDS = frozenset({"start", *(name for name, _ in COMMANDS)})
 
@@ -140,12 +145,11 @@ class TelegramAdapter:
         self._backoff = backoff
         self.app: Application[Any, Any, Any, Any, Any, Any] | None = None
         self._source: UpdatePoller | WebhookServer | None = None
-        self.ctx = StreamContext(
-            get_bot=self._bot,
+        self.ctx = StreamerContext(
             edit_interval=settings.telegram_edit_interval,
-            draft_interval=draft_interval,
-            retry_base=retry_base,
-            store_blocked=self._store_blocked,
+            preview_interval=draft_interval,
+            retry_delays=tuple(retry_base * 2**i for i in range(MAX_NETWORK_TRIES - 1)),
+            on_blocked=self._on_blocked,
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -161,7 +165,8 @@ class TelegramAdapter:
             raise ConfigError("YANRAY_TELEGRAM_TOKEN is not set")
         # read before the client opens, so a storage failure leaves nothing to close
         blocked = await self.dispatcher.blocked_chats(self.platform)
-        self.ctx.blocked = {int(chat) for chat in blocked if chat.lstrip("-").isdigit()}
+        self.ctx.blocked.clear()
+        self.ctx.blocked.update(int(chat) for chat in blocked if chat.lstrip("-").isdigit())
         base_url = self.settings.telegram_base_url
         file_url = base_url[: -len("/bot")] + "/file/bot" if base_url.endswith("/bot") else base_url
         app = (
@@ -234,11 +239,8 @@ class TelegramAdapter:
             await source.stop()
         if app.running:
             await app.stop()
-        self.app, self.ctx.running = None, False
-        for stream in list(self.ctx.live):
-            stream.abort()
-        if self.ctx.background:  # reports and blocked chats on their way to storage
-            await asyncio.gather(*self.ctx.background, return_exceptions=True)
+        self.app = None
+        await self.ctx.stop()  # reports and blocked chats on their way to storage are awaited
         await app.shutdown()
 
     async def _process(self, update: Update) -> None:
@@ -253,6 +255,14 @@ class TelegramAdapter:
         if self.on_fatal is not None:
             self.on_fatal(reason)
 
+    def _on_blocked(self, chat: Hashable, why: str) -> None:
+        """A write was refused with 403: the chat blocked the bot (or it left the group)."""
+        if chat in self.ctx.blocked:
+            return
+        logger.info("chat %s blocked the bot (%s); not writing to it until it writes again", chat, why)
+        self.ctx.blocked.add(chat)
+        self.ctx.spawn(self._store_blocked(int(str(chat)), True))
+
     async def _store_blocked(self, chat_id: int, blocked: bool) -> None:
         try:
             await self.dispatcher.note_blocked(self.platform, str(chat_id), blocked)
@@ -262,15 +272,23 @@ class TelegramAdapter:
                 "chat %s: could not store that it blocked the bot or wrote again", chat_id, exc_info=True
             )
 
-    def reopen(self, route: Route) -> TelegramReply:
-        return TelegramReply(
-            self.ctx,
-            chat_id=int(route["chat_id"]),
-            reply_to=route.get("message_id"),
+    def reopen(self, route: Route) -> ReplyStreamer:
+        return self._streamer(
+            int(route["chat_id"]),
+            route.get("message_id"),
             private=bool(route.get("private", True)),
             thread_id=route.get("thread_id"),
-            shown=route.get("shown") or (),
+            shown=route.get("shown"),
         )
+
+    def _streamer(
+        self, chat_id: int, reply_to: int | None, *, private: bool, thread_id: int | None, shown: Any = None
+    ) -> ReplyStreamer:
+        sink = TelegramSink(
+            self._bot, chat_id=chat_id, reply_to=reply_to, private=private, thread_id=thread_id
+        )
+        key = (chat_id, reply_to) if reply_to is not None else None
+        return ReplyStreamer(self.ctx, sink, shown=Shown.parse(shown), key=key)
 
     # -- updates -----------------------------------------------------------------------
 
@@ -331,17 +349,13 @@ class TelegramAdapter:
             language=user.language_code,
         )
 
-    def _stream(
-        self, incoming: Incoming, takeover: TelegramReply | None = None, shown: Any = None
-    ) -> TelegramReply:
-        return TelegramReply(
-            self.ctx,
-            chat_id=int(incoming.chat_id),
-            reply_to=int(incoming.message_id) if incoming.message_id else None,
+    def _stream(self, incoming: Incoming, shown: Any = None) -> ReplyStreamer:
+        return self._streamer(
+            int(incoming.chat_id),
+            int(incoming.message_id) if incoming.message_id else None,
             private=incoming.is_private,
             thread_id=incoming.route.get("thread_id"),
-            takeover=takeover,
-            shown=shown if takeover is None and isinstance(shown, list) else (),
+            shown=shown,
         )
 
     async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -385,12 +399,14 @@ class TelegramAdapter:
         if not for_us or text is None:
             return
         incoming = self._incoming(message, text)
-        # the stream answering that message in this run, if any; otherwise (after a restart)
-        # the core hands over what showed the earlier answer
-        old = self.ctx.replies.get((message.chat.id, message.message_id))
-        if not await self.dispatcher.handle_edit(
-            incoming, lambda shown: self._stream(incoming, takeover=old, shown=shown)
-        ):
+        # the stream answering that message in this run takes over; otherwise (after a
+        # restart) the core hands over what showed the earlier answer
+        old = self.ctx.answers.get((message.chat.id, message.message_id))
+
+        def answer(shown: Any) -> ReplyStreamer:
+            return old.successor() if old is not None else self._stream(incoming, shown)
+
+        if not await self.dispatcher.handle_edit(incoming, answer):
             logger.debug("edit of message %s in chat %s ignored", message.message_id, message.chat.id)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:

@@ -43,7 +43,7 @@ from telegram.error import Conflict, InvalidToken, RetryAfter, TelegramError
 from telegram.request import HTTPXRequest
 
 from yanray.adapters.payloads import clean_strings, shorten
-from yanray.adapters.telegram_stream import retry_seconds
+from yanray.adapters.telegram_sink import retry_seconds
 
 logger = logging.getLogger(__name__)
 

@@ -149,7 +149,7 @@ class TimedStream:
         self.problem = f"send: {text}"
         self.done.set()
 
-    async def queued(self, position: int) -> None:
+    async def notice(self, text: str) -> None:
         pass
 
     async def started(self) -> None:

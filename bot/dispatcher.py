@@ -91,6 +91,11 @@ def position_text(position: int, language: str = "en") -> str:
     ).format(count=ahead)
 
 
+def queue_notice(position: int, language: str = "en") -> str:
+    """What a waiting question shows until its answer replaces it."""
+    return f"⏳ {position_text(position, language)}"
+
+
 class Dispatcher:
     def __init__(
         self, *, settings: Settings, db: Database, queue: RequestQueue, worker: EngineWorker
@@ -283,7 +288,7 @@ class Dispatcher:
         self.worker.track(job.request_id, job.out)
         position = self.queue.put(job, reserved=reserved)
         if position > 0:
-            await job.out.queued(position)
+            await job.out.notice(queue_notice(position, job.language))
 
     async def _ask_again(
         self,

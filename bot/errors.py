@@ -13,8 +13,10 @@ from yanray.errors import ConfigError, EngineError, EngineUnavailable, StorageEr
 
 __all__ = [
     "AdapterFailed",
+    "AdapterStopped",
     "ConfigError",
     "ContextTooLong",
+    "DeliveryRefused",
     "EngineError",
     "EngineUnavailable",
     "LocalizedError",
@@ -27,6 +29,16 @@ __all__ = [
 
 class AdapterFailed(YanrayError):
     """A platform adapter lost its platform for good while running; `yanray run` stops."""
+
+
+class AdapterStopped(YanrayError):
+    """A final text arrived after its adapter stopped (shutdown while answering): the worker
+    leaves the stored answer undelivered, and the next start sends it."""
+
+
+class DeliveryRefused(YanrayError):
+    """The platform refuses this final text for good (no retry can fix it): the worker tells
+    the user its one-line apology instead, through the same stream."""
 
 
 class LocalizedError(YanrayError):

@@ -56,19 +56,23 @@ class Incoming:
 class ReplyStream(Protocol):
     """How the core answers one incoming message. The adapter owns throttling and splitting.
 
-    The core calls, for a command: `send` once. For a question: optionally `queued`
-    (repeatedly, as the position changes), `started`, `progress` any number of times
+    The core calls, for a command: `send` once. For a question: optionally `notice`
+    (repeatedly, as the queue position changes), `started`, `progress` any number of times
     with the whole reply so far, and finally exactly one of `finish` (the complete reply)
-    or `fail` (one line saying what went wrong and what to do). A `queued` notice may
-    become the answer: the adapter decides (for example by editing that message).
+    or `fail` (one line saying what went wrong and what to do). The core words every text;
+    a stream only shows it (one that can edit turns the notice into the answer, and keeps a
+    partial answer above a failure's reason). The core never passes an empty text.
+    A final text the platform refuses for good raises `bot.errors.DeliveryRefused` (the
+    core then `send`s its apology); one that arrives after the adapter stopped raises
+    `AdapterStopped` (the core keeps it for the next start).
     """
 
     async def send(self, text: str) -> None:
         """A complete one-off answer (command output, refusal, busy notice)."""
         ...
 
-    async def queued(self, position: int) -> None:
-        """The request waits; `position` 1 means it is next."""
+    async def notice(self, text: str) -> None:
+        """The request waits; `text` says so (the queue position), worded by the core."""
         ...
 
     async def started(self) -> None:
@@ -97,7 +101,7 @@ class ReplyStream(Protocol):
         screen becomes the answer instead of a new message beside it. When the user edits
         the question, `Dispatcher.handle_edit` hands it to the adapter's stream factory, so
         the new answer replaces the old one on the screen, restarts included. A stream whose
-        platform cannot edit, or finds its earlier messages itself, ignores it."""
+        platform cannot edit (the terminal) ignores it."""
         ...
 
 

@@ -27,6 +27,10 @@ answer with a last line "[Stopped: ...]"; one cut at the length limit ends with
 off and closed as failed. The growing reply reaches the adapter through `_Progress`, which
 pulls the visible text at most every PROGRESS_INTERVAL_S: nothing per piece grows with
 the reply.
+
+Every text the user sees comes from here or the dispatcher; the adapters only show it. The
+worker never hands a stream an empty text, and when a platform refuses a final text for
+good (`DeliveryRefused`) it says so in one line (`UNDELIVERABLE`) instead.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from yanray.bot.context import TokenCounter, fit_history, system_prompt
-from yanray.bot.errors import ContextTooLong, EngineError
+from yanray.bot.errors import ContextTooLong, DeliveryRefused, EngineError
 from yanray.bot.i18n import N_, normalize, translator
 from yanray.bot.queue import Job, RequestQueue
 from yanray.bot.settings import Settings
@@ -68,6 +72,8 @@ MAX_ATTEMPTS = 2
 INTERRUPTED = N_(
     "Sorry, I stopped twice while answering this, so I gave up on it. Please ask in another way."
 )
+UNDELIVERABLE = N_("Sorry, I could not send my answer: the chat service refused it. Please try again.")
+NO_ANSWER = N_("(I have no answer to that.)")
 
 
 def to_chat(message: Message) -> ChatMessage:
@@ -396,8 +402,8 @@ class EngineWorker:
         reply = rounds.visible if rounds is not None else None
         if note is not None:
             reply = f"{reply}\n\n[{note}]" if reply else f"[{note}]"
-        if status == "done" and not reply:
-            reply = translator(job.language).gettext("(I have no answer to that.)")
+        if status == "done" and not (reply and reply.strip()):
+            reply = translator(job.language).gettext(NO_ANSWER)
         async with self.db.transaction() as session:
             request = await crud.get_request(session=session, request_id=job.request_id)
             if request is None:
@@ -410,7 +416,7 @@ class EngineWorker:
         if status == "cancelled":
             # Delivered before the next job starts: an edit's new answer reuses this message.
             # What was already written stays, marked as cut short.
-            cut = f"{reply}\n\n[{error}]" if reply else None
+            cut = f"{reply}\n\n[{error}]" if reply and reply.strip() else None
             await self._deliver(job.request_id, job.out, cut, cut is not None, error, job.language)
             return
         # Delivery can wait on a platform's rate limit (a group's edit slot); the engine need
@@ -476,6 +482,13 @@ class EngineWorker:
                 await out.finish(reply)
             else:
                 await out.fail(error or translator(language).gettext(APOLOGY))
+        except DeliveryRefused as exc:
+            # retrying cannot help: the user hears why in one line, and it counts as delivered
+            logger.error("request %d: the answer could not be delivered", request_id, exc_info=exc)
+            try:
+                await out.send(translator(language).gettext(UNDELIVERABLE))
+            except Exception as again:
+                logger.warning("request %d: the apology could not be sent either: %r", request_id, again)
         except Exception:
             # The adapter could not deliver (it logged why); the answer stays stored and undelivered.
             logger.exception("request %d: the answer could not be delivered", request_id)

@@ -16,8 +16,8 @@ class RecordingStream:
         self.events.append(("send", text))
         self.done.set()
 
-    async def queued(self, position: int) -> None:
-        self.events.append(("queued", position))
+    async def notice(self, text: str) -> None:
+        self.events.append(("notice", text))
 
     async def started(self) -> None:
         self.events.append(("started", None))

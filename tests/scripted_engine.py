@@ -3,6 +3,7 @@
 It implements the real `Engine` protocol: sessions keep the message list, `generate`
 streams the scripted text in small pieces on the event loop, honours `stop_at`, the
 cancel flag and `max_new_tokens` (counted in pieces), and `append` adds observations.
+`fail_with` makes it fail at once, `fail_after` once the reply was streamed.
 Every session's prompts are recorded in `engine.prompts`, so a test can assert what
 the model saw.
 """
@@ -62,6 +63,8 @@ class ScriptedSession:
                 finish = "length"
                 break
         text = "".join(parts)
+        if engine.fail_after is not None:  # the model breaks down after writing the reply
+            raise EngineError(engine.fail_after)
         self.messages.append(ChatMessage("assistant", text))
         return Generation(text=text, finish=finish)  # type: ignore[arg-type]
 
@@ -94,6 +97,7 @@ class ScriptedEngine:
         self.max_context = max_context
         self.prompts: list[list[ChatMessage]] = []
         self.fail_with: str | None = None
+        self.fail_after: str | None = None
         self.before_reply: Callable[[], asyncio.Future[None]] | None = None
         self.closed_sessions = 0
         self._next = 0

@@ -12,6 +12,7 @@ from tests.scripted_engine import ScriptedEngine
 from tests.waiting import until
 from yanray.bot import worker as worker_module
 from yanray.bot.app import Core
+from yanray.bot.dispatcher import queue_notice
 from yanray.bot.types import Incoming
 from yanray.engine.base import ChatMessage
 from yanray.storage import crud
@@ -88,7 +89,7 @@ async def test_burst_from_one_user_does_not_starve_another(make_settings, core_f
     bob = Tracked("bob")
     await core.dispatcher.handle(msg("b0", user="bob"), bob)
     accepted_at = len(finished)
-    assert bob.of("queued") == [1], "bob is told he is next"
+    assert bob.of("notice") == [queue_notice(1)], "bob is told he is next"
     await bob.wait(30)
     # only the request that was running when bob arrived finished before him
     assert finished.index("bob") - accepted_at <= 1

@@ -23,6 +23,7 @@ from yanray.bot.app import Core
 from yanray.bot.dispatcher import COMMANDS
 from yanray.bot.i18n import translator
 from yanray.bot.types import Adapter, Incoming, ReplyStream
+from yanray.storage import crud
 
 pytestmark = pytest.mark.asyncio
 
@@ -56,11 +57,15 @@ class Bot:
         return join_parts([m.content for m in self.fake.replies_to(mid)])
 
     async def settle(self) -> None:
+        """Until nothing is queued or answered and every stream has shown its last word."""
         await asyncio.wait_for(self.core.wait_idle(), 5)
-        for _ in range(3):
-            await asyncio.sleep(INTERVAL * 2)
-            if self.adapter._tasks:
-                await asyncio.wait(self.adapter._tasks, timeout=5)
+        await self.fake.wait_for(self.adapter.ctx.settled)
+
+
+async def undelivered(core: Core) -> int:
+    """Requests still waiting, being answered, or answered but not yet delivered."""
+    async with core.db.transaction() as session:
+        return len(list(await crud.pending_requests(session=session)))
 
 
 @pytest.fixture
@@ -119,10 +124,11 @@ async def test_everyone_and_role_mentions_alone_are_ignored(make_bot, fake: Fake
         fake.channel_id, fake.alice, f"<@&{fake.role_id}> ping", mention_roles=[fake.role_id]
     )
     await fake.user_message(fake.channel_id, fake.alice, "just chatting")
-    await asyncio.sleep(0.3)
-    await bot.settle()
-    assert fake.bot_messages() == []
-    assert bot.engine.prompts == []
+    # a DM after them is answered: the gateway delivered the three before it
+    dm = await fake.user_message("9" + fake.channel_id[1:], fake.bob, "and me?")
+    assert await bot.answer(dm) == "nope"
+    assert fake.bot_messages(fake.channel_id) == []
+    assert [m[-1].content for m in bot.engine.prompts] == ["and me?"]
 
 
 async def test_reply_to_the_bot_and_dm_are_answered(make_bot, fake: FakeDiscord) -> None:
@@ -224,8 +230,10 @@ async def test_forbidden_channel_is_logged_once_and_skipped(make_bot, fake: Fake
     fake.forbid_channel(fake.other_channel_id)
     await bot.ask("first", channel=fake.other_channel_id)
     await bot.ask("second", channel=fake.other_channel_id)
+    await fake.wait_for(lambda: len(bot.engine.prompts) == 2)
     await bot.settle()
     assert fake.bot_messages() == []
+    assert await undelivered(bot.core) == 0, "a forbidden channel's answers count as delivered"
     warnings = [r for r in caplog.records if "no permission" in r.getMessage()]
     assert len(warnings) == 1
     mid = await bot.ask("still there?")
@@ -235,7 +243,7 @@ async def test_forbidden_channel_is_logged_once_and_skipped(make_bot, fake: Fake
 async def test_slash_ask_is_deferred_then_answered(make_bot, fake: FakeDiscord) -> None:
     bot = await make_bot(["Slash answer."])
     iid = await fake.slash("ask", fake.alice, [{"name": "question", "type": 3, "value": "what is up?"}])
-    await fake.wait_for(lambda: fake.interaction_response(iid))
+    await fake.wait_for(lambda: bot.engine.prompts)
     await bot.settle()
     calls = [c for c in fake.calls if f"/{iid}/" in c.path or f"tok-{iid}" in c.path]
     assert calls[0].path.endswith("/callback") and calls[0].body["type"] == 5  # deferred
@@ -395,7 +403,7 @@ async def test_restart_mid_reply_answers_once(fake: FakeDiscord, make_settings, 
     try:
         await asyncio.wait_for(core.wait_idle(), 5)
         await fake.wait_for(lambda: fake.replies_to(mid) and fake.replies_to(mid)[0].content == reply)
-        await asyncio.sleep(0.2)
+        await fake.wait_for(adapter.ctx.settled)
         assert [m.content for m in fake.replies_to(mid)] == [reply]
         assert len(fake.bot_messages()) == 1
     finally:
@@ -517,3 +525,22 @@ async def test_an_edit_after_a_restart_edits_the_earlier_answer(make_bot, fake: 
     await fake.wait_for(lambda: fake.replies_to(mid)[0].content == "About dogs.")
     await bot.settle()
     assert [(m.id, m.content) for m in fake.replies_to(mid)] == [(earlier.id, "About dogs.")]
+
+
+async def test_a_stopped_or_failed_answer_keeps_what_was_written(make_bot, fake: FakeDiscord) -> None:
+    engine = ScriptedEngine(responder=lambda m: "A long answer, " * 60, piece=5, delay=0.01)
+    bot = await make_bot(engine=engine)
+    mid = await bot.ask("talk to me")
+    await fake.wait_for(lambda: fake.replies_to(mid))  # a partial answer is showing
+    partial = fake.replies_to(mid)[0].content
+    stop = await bot.ask("/stop")
+    assert await bot.answer(stop) == "Stopped."
+    answer = await bot.answer(mid)
+    kept = answer.removesuffix("\n\n[Stopped.]")
+    assert answer != kept and kept.startswith(partial) and ("A long answer, " * 60).startswith(kept)
+
+    engine.responder = lambda m: "Half an answer."
+    engine.fail_after = "The model server went away."
+    again = await bot.ask("try again")
+    # the partial answer stays, with the reason below it (it used to be replaced by the reason)
+    assert await bot.answer(again) == "Half an answer.\n\n⚠️ The model server went away."

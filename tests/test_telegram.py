@@ -212,7 +212,7 @@ async def test_editing_the_last_message_regenerates_and_edits_the_reply(
     fake: FakeTelegram, make_settings: Callable[..., Settings]
 ) -> None:
     engine = ScriptedEngine(responder=lambda m: f"Answer to {last_user(m)}")
-    async with running_bot(fake, telegram_settings(fake, make_settings()), engine):
+    async with running_bot(fake, telegram_settings(fake, make_settings()), engine) as bot:
         first = fake.private_text(ALICE, "what is 2+2?")
         await fake.wait_for(lambda: fake.messages(ALICE) == ["Answer to what is 2+2?"])
         second = fake.private_text(ALICE, "and 3+3?")
@@ -221,7 +221,7 @@ async def test_editing_the_last_message_regenerates_and_edits_the_reply(
         fake.edit(ALICE, first, "what is 5+5?")  # not the latest question: ignored
         fake.edit(ALICE, second, "and 4+4?")
         await fake.wait_for(lambda: fake.messages(ALICE)[-1] == "Answer to and 4+4?")
-        await asyncio.sleep(0.2)
+        await bot.settled()
         assert fake.messages(ALICE) == ["Answer to what is 2+2?", "Answer to and 4+4?"]
         history = fake.bot_messages(ALICE)[1].history
         assert history[0] == "Answer to and 3+3?" and history[-1] == "Answer to and 4+4?"
@@ -234,14 +234,15 @@ async def test_editing_while_the_answer_streams_replaces_it(
     fake: FakeTelegram, make_settings: Callable[..., Settings]
 ) -> None:
     engine = ScriptedEngine(responder=lambda m: f"Long answer to {last_user(m)}. " * 5, delay=0.02)
-    async with running_bot(fake, telegram_settings(fake, make_settings()), engine):
+    async with running_bot(fake, telegram_settings(fake, make_settings()), engine) as bot:
         asked = fake.group_text(GROUP, ALICE, "@yanray_bot tell me about cats")
         await fake.wait_for(lambda: fake.messages(GROUP))
         fake.edit(GROUP, asked, "@yanray_bot tell me about dogs")
         expected = ("Long answer to tell me about dogs. " * 5).strip()
         await fake.wait_for(lambda: fake.messages(GROUP) == [expected], within=3)
-        await asyncio.sleep(0.3)
+        await bot.settled()
         assert fake.messages(GROUP) == [expected]
+        assert len(fake.bot_messages(GROUP)) == 1, "the new answer took over the old one's message"
 
 
 async def test_a_crash_between_accept_and_answer_is_answered_once_after_restart(
@@ -259,12 +260,12 @@ async def test_a_crash_between_accept_and_answer_is_answered_once_after_restart(
     engine = ScriptedEngine(["Yes, back again."])
     async with running_bot(fake, settings, engine) as bot:
         await fake.wait_for(lambda: fake.messages(GROUP))
-        await asyncio.sleep(0.3)
+        await bot.settled()
         assert fake.messages(GROUP) == ["Yes, back again."]
         assert fake.bot_messages(GROUP)[0].reply_to is not None
         assert await bot.statuses() == {"done": 1}
-    async with running_bot(fake, settings, engine):
-        await asyncio.sleep(0.3)
+    async with running_bot(fake, settings, engine) as bot:
+        await bot.settled()
         assert fake.messages(GROUP) == ["Yes, back again."], "answered once"
 
 
@@ -287,9 +288,9 @@ async def test_an_answer_finished_after_shutdown_is_sent_at_the_next_start(
         await bot.core.wait_idle()
         assert fake.messages(ALICE) == []
         assert await bot.statuses() == {"done": 1}
-    async with running_bot(fake, settings, ScriptedEngine(["not used"])):
+    async with running_bot(fake, settings, ScriptedEngine(["not used"])) as bot:
         await fake.wait_for(lambda: fake.messages(ALICE))
-        await asyncio.sleep(0.2)
+        await bot.settled()
         assert fake.messages(ALICE) == ["Written during shutdown."]
 
 
@@ -337,3 +338,26 @@ async def test_webhook_mode_takes_updates_with_the_secret(
         await fake.wait_for(lambda: fake.messages(ALICE))
         assert fake.messages(ALICE) == ["Hello from the webhook."]
         assert not fake.calls_of("getUpdates")
+
+
+async def test_a_stopped_or_failed_answer_keeps_what_was_written(
+    fake: FakeTelegram, make_settings: Callable[..., Settings]
+) -> None:
+    engine = ScriptedEngine(responder=lambda m: "A long answer, " * 60, delay=0.02, piece=8)
+    async with running_bot(fake, telegram_settings(fake, make_settings()), engine) as bot:
+        fake.group_text(GROUP, ALICE, "@yanray_bot talk to me")
+        await fake.wait_for(lambda: fake.messages(GROUP))  # a partial answer is showing
+        partial = fake.messages(GROUP)[0]
+        fake.group_text(GROUP, ALICE, "/stop")
+        await fake.wait_for(lambda: fake.messages(GROUP)[0].endswith("[Stopped.]"))
+        await bot.settled()
+        answer, told = fake.messages(GROUP)
+        kept = answer.removesuffix("\n\n[Stopped.]")
+        assert kept.startswith(partial) and ("A long answer, " * 60).startswith(kept)
+        assert told == "Stopped."
+
+        engine.responder = lambda m: "Half an answer."
+        engine.fail_after = "The model server went away."
+        fake.private_text(BOB, "try again")
+        await fake.wait_for(lambda: fake.messages(BOB))
+        assert fake.messages(BOB) == ["Half an answer.\n\n⚠️ The model server went away."]

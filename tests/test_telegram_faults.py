@@ -11,10 +11,11 @@ import pytest
 from tests.fakes.telegram_harness import running_bot, telegram_settings
 from tests.fakes.telegram_server import FakeTelegram
 from tests.scripted_engine import ScriptedEngine
-from yanray.adapters import telegram, telegram_stream
+from yanray.adapters import telegram
 from yanray.adapters.split import join_parts
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming, ReplyStream
+from yanray.bot.worker import UNDELIVERABLE
 
 ALICE, BOB = 2001, 2002
 GROUP = -200600
@@ -180,7 +181,7 @@ async def test_an_unexpected_telegram_error_is_logged_once_and_the_user_gets_an_
         fake.fail("sendMessage", "bad_request")
         fake.private_text(ALICE, "hello")
         await fake.wait_for(lambda: fake.messages(ALICE))
-        assert fake.messages(ALICE) == [telegram_stream.APOLOGY]
+        assert fake.messages(ALICE) == [UNDELIVERABLE]
     logged = errors(caplog)
     assert len(logged) == 1 and logged[0].exc_info is not None
 

@@ -10,6 +10,7 @@ the core is closed, as `yanray run` does.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,6 +41,12 @@ class RunningBot:
     fake: FakeTelegram
     core: Core
     adapter: TelegramAdapter
+
+    async def settled(self, within: float = 10.0) -> None:
+        """Until nothing is queued, answered or on its way, and every stream has shown its
+        last word: the signal to check that nothing more is written."""
+        await asyncio.wait_for(self.core.wait_idle(), within)
+        await self.fake.wait_for(self.adapter.ctx.settled, within)
 
     async def statuses(self) -> dict[str, int]:
         async with self.core.db.transaction() as session:
