@@ -262,14 +262,13 @@ async def test_slash_reset_forgets_the_conversation(make_bot, fake: FakeDiscord)
 
 
 async def test_a_slash_command_is_answered_in_the_interactions_locale(make_bot, fake: FakeDiscord) -> None:
-    bot = await make_bot(["Noted."])
+    await make_bot(["Noted."])
     iid = await fake.slash("reset", fake.alice, locale="zh-CN")
-    await fake.wait_for(lambda: fake.interaction_response(iid))
-    await bot.settle()
+    # the deferred response exists (empty) before the answer edits it in
+    await fake.wait_for(lambda: getattr(fake.interaction_response(iid), "content", ""))
     assert fake.interaction_response(iid).content == "重新开始：之前的消息已经放到一边了（仍然保存着）。"
     iid = await fake.slash("reset", fake.bob)  # an English Discord app
-    await fake.wait_for(lambda: fake.interaction_response(iid))
-    await bot.settle()
+    await fake.wait_for(lambda: getattr(fake.interaction_response(iid), "content", ""))
     assert fake.interaction_response(iid).content.startswith("Fresh start")
 
 

@@ -19,8 +19,9 @@ from babel.messages.pofile import read_po
 
 from tests.recording import RecordingAdapter, RecordingStream
 from tests.scripted_engine import ScriptedEngine
+from tests.waiting import until
 from yanray.bot.app import Core
-from yanray.bot.dispatcher import COMMANDS, HELP, position_text
+from yanray.bot.dispatcher import COMMANDS, HELP, position_text, queue_notice
 from yanray.bot.i18n import environment_hint, normalize, resolve, translator
 from yanray.bot.settings import DEFAULT_SYSTEM_PROMPT, Settings, load_settings
 from yanray.bot.types import Incoming
@@ -206,11 +207,10 @@ async def test_the_workers_own_lines_are_in_the_askers_language(
     engine.before_reply = hang.wait  # type: ignore[assignment]
     first = RecordingStream()
     await core.dispatcher.handle(said("第一个问题", language="zh-CN", mid="1"), first)
-    while not engine.prompts:
-        await asyncio.sleep(0.01)
+    await until(lambda: engine.prompts, what="the engine got the first question")
     waiting = RecordingStream()
     await core.dispatcher.handle(said("第二个问题", language="zh-CN", mid="2"), waiting)
-    assert waiting.of("queued") == [1]
+    assert waiting.of("notice") == ["⏳ 下一个就轮到你。"] == [queue_notice(1, "zh")]
     assert await say(core, "/stop", language="zh-CN") == "已停止。"
     assert await waiting.wait() == "已停止。"  # the waiting one, told in its asker's language
     hang.set()
@@ -226,8 +226,7 @@ async def test_a_recovered_request_is_answered_in_its_askers_language(
     engine.before_reply = hang.wait  # type: ignore[assignment]
     core = await core_factory(settings, engine)
     await core.dispatcher.handle(said("问题", language="zh-hans", mid="1"), RecordingStream())
-    while not engine.prompts:
-        await asyncio.sleep(0.01)
+    await until(lambda: engine.prompts, what="the engine got the first question")
     await core.aclose(graceful=False)  # the process dies while answering
     engine.before_reply = None
     adapter = RecordingAdapter("test")
