@@ -3,7 +3,10 @@
 `YANRAY_DEVICE` auto picks CUDA when a GPU is visible, else the CPU. `YANRAY_DTYPE` auto
 picks bf16 where the GPU has it natively (compute capability 8.0 and up), fp16 on Volta and
 Turing (7.x, no bf16 units), and fp32 on Pascal and older (6.x: fp16 runs at 1/64 of the
-fp32 rate there) and on the CPU. An explicit dtype is obeyed, with a warning where it is slow.
+fp32 rate there). On the CPU it picks bf16 where the CPU computes it natively (AVX512-BF16 or
+AMX, as torch reports them, confirmed by a short matmul timing at load) and fp32 elsewhere: on
+an AVX2-only CPU bf16 is emulated and prefill runs several times slower than in fp32. An explicit
+dtype is obeyed, with a warning where it is slow.
 
 The guard estimates weights + KV cache for the configured context + working memory and
 compares it with the free memory of the device (CUDA: `torch.cuda.mem_get_info`; CPU:
@@ -20,6 +23,7 @@ kernels' workspaces and the logits; it errs on the safe side by a few hundred MB
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +65,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def auto_dtype(capability: tuple[int, int] | None, bf16_native: bool) -> torch.dtype:
-    """The compute dtype for a GPU of this compute capability (None: the CPU)."""
+    """The compute dtype for a GPU of this compute capability (None: the CPU, where
+    `bf16_native` says the CPU computes bf16 natively and measured it no slower)."""
     if capability is None:
-        return torch.float32
+        return torch.bfloat16 if bf16_native else torch.float32
     major = capability[0]
     if major >= 8 and bf16_native:
         return torch.bfloat16
@@ -72,13 +77,54 @@ def auto_dtype(capability: tuple[int, int] | None, bf16_native: bool) -> torch.d
     return torch.float32  # Pascal and older: fp16 at 1/64 of the fp32 rate
 
 
+def cpu_bf16_units() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), as torch detects it."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def cpu_bf16_speedup(*, rows: int = 256, size: int = 1024, repeats: int = 3) -> float:
+    """fp32 time / bf16 time of a prefill-shaped matmul on this CPU (median of `repeats`)."""
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, size).to(dtype)
+        w = torch.randn(size, size).to(dtype)
+        torch.mm(x, w)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(x, w)
+            runs.append(time.perf_counter() - start)
+        timings[dtype] = sorted(runs)[len(runs) // 2]
+    return timings[torch.float32] / max(timings[torch.bfloat16], 1e-9)
+
+
+def cpu_computes_bf16(units: bool, speedup: float | None) -> bool:
+    """The CPU's auto choice: bf16 units, and (when measured) bf16 no slower than fp32.
+
+    The timing guards against a machine (a VM, an emulator) that reports the units but runs
+    bf16 slowly; 0.9 leaves room for noise on a loaded machine."""
+    return units and (speedup is None or speedup >= 0.9)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` or a dtype name, for `device`."""
     name = (name or "auto").strip().lower()
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        return auto_dtype(capability, bf16)
+        if device.type == "cuda":
+            return auto_dtype(capability, torch.cuda.is_bf16_supported(including_emulation=False))
+        units = cpu_bf16_units()
+        speedup = cpu_bf16_speedup() if units else None
+        dtype = auto_dtype(None, cpu_computes_bf16(units, speedup))
+        logger.info(
+            "YANRAY_DTYPE=auto on the CPU (%s, bf16 units: %s%s): %s",
+            torch.backends.cpu.get_cpu_capability(),
+            "yes" if units else "no",
+            f", bf16 matmul {speedup:.1f}x the fp32 speed" if speedup is not None else "",
+            str(dtype).removeprefix("torch."),
+        )
+        return dtype
     if name not in _DTYPES:
         raise EngineUnavailable(f"YANRAY_DTYPE={name}: expected auto, bfloat16, float16 or float32")
     dtype = _DTYPES[name]

@@ -15,6 +15,8 @@ from yanray.engine.device import (
     ModelShape,
     auto_dtype,
     check_fits,
+    cpu_bf16_units,
+    cpu_computes_bf16,
     estimate_memory,
     kv_cache_bytes,
     model_shape,
@@ -28,7 +30,8 @@ from yanray.engine.skeleton import meta_model
 @pytest.mark.parametrize(
     ("capability", "bf16", "expected"),
     [
-        (None, False, torch.float32),  # CPU
+        (None, False, torch.float32),  # CPU without bf16 units (AVX2: bf16 emulated)
+        (None, True, torch.bfloat16),  # CPU with AVX512-BF16 or AMX
         ((6, 1), False, torch.float32),  # Pascal: fp16 at 1/64 rate
         ((7, 0), False, torch.float16),  # Volta
         ((7, 5), True, torch.float16),  # Turing (bf16 only emulated)
@@ -42,9 +45,33 @@ def test_auto_dtype_follows_the_gpu(
     assert auto_dtype(capability, bf16) == expected
 
 
+@pytest.mark.parametrize(
+    ("units", "speedup", "expected"),
+    [
+        (False, None, False),  # AVX2 only: fp32
+        (True, None, True),  # units, not measured
+        (True, 2.5, True),  # units, bf16 measured faster
+        (True, 0.95, True),  # units, about even (noise on a loaded machine)
+        (True, 0.3, False),  # units reported but bf16 measured slow (emulated): fp32
+    ],
+)
+def test_cpu_auto_dtype_needs_bf16_units_that_measure_fast(
+    units: bool, speedup: float | None, expected: bool
+) -> None:
+    assert cpu_computes_bf16(units, speedup) is expected
+
+
+def test_cpu_auto_dtype_on_this_machine(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="yanray.engine.device")
+    chosen = resolve_dtype("auto", torch.device("cpu"))
+    if not cpu_bf16_units():
+        assert chosen == torch.float32
+    assert chosen in (torch.float32, torch.bfloat16)
+    assert any("YANRAY_DTYPE=auto on the CPU" in r.getMessage() for r in caplog.records)
+
+
 def test_device_and_dtype_names() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(EngineUnavailable, match="YANRAY_DTYPE"):
         resolve_dtype("int4", torch.device("cpu"))
