@@ -11,7 +11,7 @@ Run from the repository root:
     python bench/kv_reuse.py                 # a random ChatGLM3-shaped model, built in a temp folder
     python bench/kv_reuse.py --model PATH    # any folder YANRAY_MODEL accepts (e.g. an INT8 folder)
 
-`bench/engine.py` calls `run()` as its part (a); `measure_kv_reuse` returns the numbers.
+`bench/engine.py` calls `run()` as its part (kv); `measure_kv_reuse` returns the numbers.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def measure_kv_reuse(
 
 
 def format_results(results: Sequence[KvReuseResult]) -> str:
-    lines = ["(a) tool round: KV cache kept vs re-prefilling the conversation (median)"]
+    lines = ["(kv) tool round: KV cache kept vs re-prefilling the conversation (median)"]
     for r in results:
         lines.append(
             f"  history {r.history_tokens:5d} tokens: kept {r.kept_seconds * 1000:8.1f} ms "
@@ -166,7 +166,7 @@ def format_results(results: Sequence[KvReuseResult]) -> str:
 
 
 def run() -> None:
-    """Measure with the defaults and print (what `bench/engine.py` calls for part (a))."""
+    """Measure with the defaults and print (what `bench/engine.py` calls for part (kv))."""
     print(format_results(measure_kv_reuse()))
 
 

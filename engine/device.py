@@ -14,6 +14,12 @@ compares it with the free memory of the device (CUDA: `torch.cuda.mem_get_info`;
 would fit: a shorter `YANRAY_MAX_CONTEXT`, or INT8 weights via `yanray quantize`. Layers
 are never offloaded to the CPU: that is the 40 s per token failure this project avoids.
 
+Kept conversations (`engine/kept.py`, `YANRAY_KV_CACHE_GB`) are counted on top: an explicit
+budget is part of the estimate (and refused if it does not fit); the default is what is left
+after the estimate less a margin (`kept_cache_budget`): on a GPU, all of it less 512 MiB and
+5% of the free memory; on the CPU, whose RAM the rest of the machine shares, half of what is
+left after a 2 GiB margin, at most 4 GiB.
+
 The estimate is a pure function (`estimate_memory`, `check_fits`) so tests can feed it
 made-up free-memory numbers. Working memory is one prefill chunk's activations
 (`chunk * (8 * hidden + 3 * intermediate)` elements) plus 384 MiB for the allocator,
@@ -160,10 +166,11 @@ class MemoryEstimate:
     weights: int
     kv_cache: int
     overhead: int
+    kept: int = 0  # the kept conversations' budget, when set explicitly
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.overhead
+        return self.weights + self.kv_cache + self.overhead + self.kept
 
 
 def weight_bytes(shape: ModelShape, *, dtype_size: int, int8: bool) -> int:
@@ -213,14 +220,23 @@ def check_fits(
     int8: bool,
     where: str = "the GPU",
     weights: int | None = None,
+    kept: int = 0,
 ) -> MemoryEstimate:
     """The estimate, or `EngineUnavailable` saying what would fit in `free` bytes."""
     size = dtype_bytes(dtype)
     estimate = estimate_memory(shape, context=context, dtype_size=size, int8=int8, weights=weights)
+    estimate = MemoryEstimate(estimate.weights, estimate.kv_cache, estimate.overhead, kept)
     if estimate.total <= free:
         return estimate
     kind = "INT8" if int8 else str(dtype).removeprefix("torch.")
     options: list[str] = []
+    if kept and estimate.total - kept <= free:
+        room = (free - estimate.total + kept) / GiB
+        raise EngineUnavailable(
+            f"YANRAY_KV_CACHE_GB={kept / GiB:g} does not fit: the model in {kind} with a {context}-token "
+            f"context needs about {_gb(estimate.total - kept)} of the {_gb(free)} free on {where}; "
+            f"set YANRAY_KV_CACHE_GB to at most {room:.1f}, or leave it unset for what is left."
+        )
     fits = largest_context(shape, free=free, dtype_size=size, int8=int8, weights=weights)
     if fits >= 1024:
         options.append(f"a shorter context, YANRAY_MAX_CONTEXT={min(fits, context - 1024) or fits}")
@@ -240,6 +256,15 @@ def check_fits(
         f"{_gb(estimate.overhead)}), but {where} has {_gb(free)} free. What fits: {what}. "
         "Layers are never offloaded to the CPU."
     )
+
+
+def kept_cache_budget(requested_gb: float | None, *, left: int, device_type: str) -> int:
+    """Bytes for kept conversations: the request, else a default from the `left` bytes."""
+    if requested_gb is not None:
+        return int(requested_gb * GiB)
+    if device_type == "cuda":
+        return max(0, int(left * 0.95) - 512 * 1024**2)
+    return max(0, min(4 * GiB, (left - 2 * GiB) // 2))
 
 
 def stored_weight_bytes(files: list[Path], dtype: torch.dtype) -> int:

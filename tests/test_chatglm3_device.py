@@ -18,6 +18,7 @@ from yanray.engine.device import (
     cpu_bf16_units,
     cpu_computes_bf16,
     estimate_memory,
+    kept_cache_budget,
     kv_cache_bytes,
     model_shape,
     resolve_device,
@@ -135,6 +136,29 @@ def test_guard_suggests_a_context_that_fits(shape_6b: ModelShape) -> None:
 def test_guard_when_nothing_fits(shape_6b: ModelShape) -> None:
     with pytest.raises(EngineUnavailable, match="does not fit this device"):
         check_fits(shape_6b, free=2 * GiB, context=8192, dtype=torch.float16, int8=True)
+
+
+def test_guard_counts_the_kept_conversations_budget(shape_6b: ModelShape) -> None:
+    free = int(9.8 * GiB)  # a 10 GB card (P102-100) once CUDA has started
+    plain = check_fits(shape_6b, free=free, context=8192, dtype=torch.float32, int8=True)
+    left = free - plain.total
+    with_kept = check_fits(shape_6b, free=free, context=8192, dtype=torch.float32, int8=True, kept=left)
+    assert with_kept.total == free and with_kept.kept == left
+    with pytest.raises(EngineUnavailable) as refused:
+        check_fits(shape_6b, free=free, context=8192, dtype=torch.float32, int8=True, kept=left + GiB)
+    message = str(refused.value)
+    assert "\n" not in message and "YANRAY_KV_CACHE_GB" in message
+    assert f"at most {left / GiB:.1f}" in message
+
+
+def test_default_kept_budget_is_what_is_left_less_a_margin() -> None:
+    assert kept_cache_budget(1.5, left=0, device_type="cuda") == int(1.5 * GiB)  # explicit: as asked
+    assert kept_cache_budget(0, left=10 * GiB, device_type="cpu") == 0  # 0: off
+    assert kept_cache_budget(None, left=2 * GiB, device_type="cuda") == int(2 * GiB * 0.95) - 512 * 1024**2
+    assert kept_cache_budget(None, left=100 * 1024**2, device_type="cuda") == 0
+    assert kept_cache_budget(None, left=6 * GiB, device_type="cpu") == 2 * GiB  # half of what is past 2 GiB
+    assert kept_cache_budget(None, left=64 * GiB, device_type="cpu") == 4 * GiB  # at most 4 GiB
+    assert kept_cache_budget(None, left=GiB, device_type="cpu") == 0
 
 
 # -- first run -----------------------------------------------------------------------------
