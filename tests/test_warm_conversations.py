@@ -243,3 +243,40 @@ async def test_zero_budget_keeps_nothing_and_out_of_memory_drops_kept_caches(
         await session.close()
     finally:
         await engine.aclose()
+
+
+async def test_through_the_worker_warm_replies_equal_cold_ones(
+    random_folder: Path, make_settings: Any, core_factory: Any
+) -> None:
+    """Questions, an edit, /retry and /reset through the real dispatcher and worker."""
+    from tests.recording import RecordingStream
+    from tests.test_core import ask, msg
+
+    async def chat(gb: float) -> tuple[list[str | None], int]:
+        engine = next(_load(random_folder, gb))
+        fed = FedTokens(engine.model)
+        settings = make_settings(tools=["calculate"], max_new_tokens=6, database_url="")
+        settings.data_dir = settings.data_dir / f"kv-{gb}"
+        core = await core_factory(settings, engine)
+        try:
+            answers = [await (await ask(core, text, mid=str(i))).wait() for i, text in enumerate(QUESTIONS)]
+            edited = RecordingStream()
+            assert await core.dispatcher.handle_edit(msg("What about 9 times 8?", mid="2"), lambda _: edited)
+            answers.append(await edited.wait())
+            retried = await ask(core, "/retry")
+            answers.append(await retried.wait() if retried.answer is None else retried.answer)
+            await ask(core, "/reset")
+            answers.append(await (await ask(core, "Hello again", mid="9")).wait())
+            return answers, sum(fed.calls)
+        finally:
+            fed.close()
+            await core.aclose()
+            await engine.aclose()
+
+    cold, cold_fed = await chat(0.0)
+    warm, warm_fed = await chat(1.0)
+    assert warm == cold and all(answer is not None for answer in cold)
+    assert warm_fed < cold_fed
+
+
+QUESTIONS = ["What is 6 times 7?", "And 7 times 8?", "Thanks, tell me a story"]
