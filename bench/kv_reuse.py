@@ -141,7 +141,8 @@ def measure_kv_reuse(
 
     with tempfile.TemporaryDirectory(prefix="yanray-kv-") as tmp:
         folder = model if model is not None else _random_model(Path(tmp) / "model")
-        engine = LocalEngine.load(folder, device=device, dtype=dtype, seed=0)
+        # no kept conversations: the replay must prefill from scratch (bench/warm_turns.py has them)
+        engine = LocalEngine.load(folder, device=device, dtype=dtype, seed=0, kv_cache_gb=0)
 
         async def run() -> list[KvReuseResult]:
             try:
