@@ -230,7 +230,11 @@ class LocalEngine:
 
     def _close(self, state: SessionState) -> None:
         if state.cache is not None and self.model is not None:
-            self.kept.keep(state.tokens[: state.cached], state.cache)
+            try:
+                self.kept.keep(state.tokens[: state.cached], state.cache)
+            except torch.OutOfMemoryError:  # compacting a cut-back cache needs a copy
+                logger.warning("out of memory keeping a conversation; dropped the kept caches")
+                self.kept.clear()
         state.cache, state.cached = None, 0
         state.tokens.clear()
 
