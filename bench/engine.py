@@ -1,16 +1,29 @@
 """Engine benchmark: prints ratios measured in one run (not a test).
 
-    python bench/engine.py            # (a) and (b)
-    python bench/engine.py --full     # also (c): a 12.5 GB ChatGLM3-6B-shaped release
+    python bench/engine.py                 # (a), (c), then the INT8 figures (kv), (size)
+    python bench/engine.py --c-shape mid   # (c) on a quarter-width 6B shape (the 6B takes minutes)
+    python bench/engine.py --full          # also (quantize): a 12.5 GB ChatGLM3-6B-shaped release
 
-(a) a tool round with the KV cache kept vs re-prefilling the conversation, at 1K and 4K
-    tokens of history (`bench/kv_reuse.py`, when it is there);
-(b) INT8 folder size / fp16 size and the load time of each, on a mid-size random
+Parts named as in issue 9 (the ones not built yet, (b) batching and (d) compiled decode, are
+said to be missing):
+
+(a) time to first token of a conversation's next turn after a ~4K-token history, with the
+    previous turn's KV cache kept (warm) divided by without (cold) (`bench/warm_turns.py`);
+(c) CPU decode of a ChatGLM3-6B-shaped INT8 model, in fp32, bf16 and what `YANRAY_DTYPE=auto`
+    picks, as a fraction of the machine's read bandwidth measured in the same run
+    (`bench/cpu_decode.py`);
+
+and the INT8 figures of earlier work:
+
+(kv) a tool round with the KV cache kept vs re-prefilling the conversation, at 1K and 4K
+    tokens of history (`bench/kv_reuse.py`);
+(size) INT8 folder size / fp16 size and the load time of each, on a mid-size random
     ChatGLM3-shaped release (the 6B's 28 layers and vocabulary, a quarter of its width;
     1.0 GB in fp16), plus the size ratio computed for the real 6B shape;
-(c) with --full: a randomly initialised ChatGLM3-6B-32K-shaped release (7 fp16 .bin shards,
-    ~12.5 GB, generated tensor by tensor, one shard in memory at a time), then `yanray quantize`
-    on it in a subprocess: its peak resident memory (getrusage of the children), the output size.
+(quantize) with --full: a randomly initialised ChatGLM3-6B-32K-shaped release (7 fp16 .bin
+    shards, ~12.5 GB, generated tensor by tensor, one shard in memory at a time), then
+    `yanray quantize` on it in a subprocess: its peak resident memory (getrusage of the
+    children), the output size.
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ CHATGLM3_6B_32K: dict[str, Any] = {
     "use_cache": True, "torch_dtype": "float16", "tie_word_embeddings": False, "eos_token_id": 2,
     "pad_token_id": 0,
 }  # fmt: skip
-#: the mid-size shape of (b): the 6B's depth, vocabulary and head size, a quarter of its width
+#: the mid-size shape of (size) and (c) --c-shape mid: the 6B's depth, vocabulary and head size, a quarter of its width
 MID_SIZE = {"hidden_size": 1024, "ffn_hidden_size": 3424, "num_attention_heads": 8, "num_layers": 28}
 
 
@@ -137,29 +150,23 @@ def predicted_ratio(cfg: dict[str, Any], *, keep_16bit_outer: bool) -> float:
     return int8 / fp16
 
 
-# -- (a) -------------------------------------------------------------------------------
+# -- (a), (c), (kv): the parts in modules of their own ----------------------------------
 
 
-def bench_kv_reuse() -> None:
-    path = REPO / "bench" / "kv_reuse.py"
-    if not path.is_file():
-        print("(a) skipped: bench/kv_reuse.py is not there yet")
-        return
-    spec = importlib.util.spec_from_file_location("yanray_bench_kv_reuse", path)
-    if spec is None or spec.loader is None:
-        print("(a) skipped: bench/kv_reuse.py cannot be imported")
+def bench_module(name: str, label: str, **kwargs: Any) -> None:
+    """Import bench/<name>.py and call its run(**kwargs), which prints its own lines."""
+    path = REPO / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"yanray_bench_{name}", path)
+    if not path.is_file() or spec is None or spec.loader is None:
+        print(f"{label} skipped: bench/{name}.py cannot be imported")
         return
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    run = getattr(module, "run", None)
-    if not callable(run):
-        print("(a) skipped: bench/kv_reuse.py has no run()")
-        return
-    run()  # prints its own "(a) ..." lines
+    module.run(**kwargs)
 
 
-# -- (b) -------------------------------------------------------------------------------
+# -- (size) ----------------------------------------------------------------------------
 
 
 def _timed_load(fn: Any) -> float:
@@ -178,7 +185,7 @@ def bench_size_and_load(work: Path) -> None:
     src = work / "mid-fp16"
     start = time.perf_counter()
     fp16_bytes = write_random_release(src, cfg, shards=2, fmt="safetensors")
-    print(f"(b) mid-size ChatGLM3-shaped release {MID_SIZE}: {fp16_bytes / GB:.3f} GB fp16 "
+    print(f"(size) mid-size ChatGLM3-shaped release {MID_SIZE}: {fp16_bytes / GB:.3f} GB fp16 "
           f"(written in {time.perf_counter() - start:.1f} s)")  # fmt: skip
     cpu = torch.device("cpu")
     for keep in (False, True):
@@ -187,32 +194,32 @@ def bench_size_and_load(work: Path) -> None:
         quantize_folder(src, dst, progress=False, keep_16bit_outer=keep)
         took = time.perf_counter() - start
         label = "embedding + output layer 16-bit" if keep else "default: embedding + output layer INT8 too"
-        print(f"(b) INT8 ({label}): {folder_bytes(dst) / GB:.3f} GB, size ratio INT8/fp16 = "
+        print(f"(size) INT8 ({label}): {folder_bytes(dst) / GB:.3f} GB, size ratio INT8/fp16 = "
               f"{folder_bytes(dst) / fp16_bytes:.3f} (target <= 0.52); quantized in {took:.1f} s")  # fmt: skip
     fp16_load = _timed_load(lambda: load_glm_model(src, device=cpu, dtype=torch.float16))
     int8_load = _timed_load(lambda: load_int8_model(work / "mid-int8-all", device=cpu, dtype=torch.float16))
-    print(f"(b) load onto the CPU as fp16: release {fp16_load:.2f} s, INT8 folder {int8_load:.2f} s "
+    print(f"(size) load onto the CPU as fp16: release {fp16_load:.2f} s, INT8 folder {int8_load:.2f} s "
           f"(ratio {int8_load / fp16_load:.2f}; files in the page cache)")  # fmt: skip
     for keep in (False, True):
         ratio = predicted_ratio(CHATGLM3_6B_32K, keep_16bit_outer=keep)
         label = "16-bit embedding/output" if keep else "default"
-        print(f"(b) ChatGLM3-6B-32K shape, computed from the plan ({label}): size ratio {ratio:.3f}")
+        print(f"(size) ChatGLM3-6B-32K shape, computed from the plan ({label}): size ratio {ratio:.3f}")
 
 
-# -- (c) -------------------------------------------------------------------------------
+# -- (quantize) ------------------------------------------------------------------------
 
 
 def bench_full(work: Path) -> None:
     free = shutil.disk_usage(work).free
     if free < 22 * GB:
         print(
-            f"(c) skipped: {free / GB:.1f} GB free in {work}, needs 22 GB (12.5 release + 6.3 INT8 + margin)"
+            f"(quantize) skipped: {free / GB:.1f} GB free in {work}, needs 22 GB (12.5 release + 6.3 INT8 + margin)"
         )
         return
     src, dst = work / "chatglm3-6b-32k-random", work / "chatglm3-6b-32k-int8"
     start = time.perf_counter()
     fp16_bytes = write_random_release(src, CHATGLM3_6B_32K, shards=7, fmt="bin")
-    print(f"(c) random ChatGLM3-6B-32K-shaped release: 7 .bin shards, {fp16_bytes / GB:.2f} GB "
+    print(f"(quantize) random ChatGLM3-6B-32K-shaped release: 7 .bin shards, {fp16_bytes / GB:.2f} GB "
           f"(written in {time.perf_counter() - start:.0f} s)")  # fmt: skip
     cli = Path(sys.executable).with_name("yanray")
     if cli.is_file():
@@ -226,7 +233,7 @@ def bench_full(work: Path) -> None:
     took = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     what = "yanray quantize" if cli.is_file() else "quantize_folder in a subprocess"
-    print(f"(c) {what}: "
+    print(f"(quantize) {what}: "
           f"{took:.0f} s, peak resident memory {peak / GB:.2f} GB (target < 8 GB), "
           f"output {folder_bytes(dst) / GB:.2f} GB = {folder_bytes(dst) / fp16_bytes:.3f} of the fp16 release")  # fmt: skip
 
@@ -235,20 +242,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--full", action="store_true", help="also (c): the 12.5 GB 6B-shaped release")
+    parser.add_argument("--full", action="store_true", help="also (quantize): the 12.5 GB 6B-shaped release")
     parser.add_argument("--workdir", type=Path, default=None, help="temporary folder (default: the system's)")
-    parser.add_argument("--skip-a", action="store_true", help="skip (a)")
+    parser.add_argument("--c-shape", choices=("6b", "mid"), default="6b", help="the model shape of (c)")
+    parser.add_argument("--skip", default="", help="parts to skip, comma-separated (e.g. kv,size)")
     args = parser.parse_args(argv)
+    skip = {part.strip() for part in args.skip.split(",") if part.strip()}
     torch.set_grad_enabled(False)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    if not args.skip_a:
-        bench_kv_reuse()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
+    if "a" not in skip:
+        bench_module("warm_turns", "(a)")
+    print("(b) not built yet: several conversations at once (issue 9, item 2)")
+    if "c" not in skip:
+        bench_module("cpu_decode", "(c)", shape=args.c_shape)
+    print("(d) not built yet: the compiled decode step (issue 9, item 3)", flush=True)
+    if "kv" not in skip:
+        bench_module("kv_reuse", "(kv)")
     with tempfile.TemporaryDirectory(prefix="yanray-bench-", dir=args.workdir) as tmp:
-        bench_size_and_load(Path(tmp))
+        if "size" not in skip:
+            bench_size_and_load(Path(tmp))
         if args.full:
             bench_full(Path(tmp))
         else:
-            print("(c) not run: pass --full (writes ~19 GB to the temporary folder)")
+            print("(quantize) not run: pass --full (writes ~19 GB to the temporary folder)")
 
 
 if __name__ == "__main__":

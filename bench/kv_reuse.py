@@ -11,7 +11,7 @@ Run from the repository root:
     python bench/kv_reuse.py                 # a random ChatGLM3-shaped model, built in a temp folder
     python bench/kv_reuse.py --model PATH    # any folder YANRAY_MODEL accepts (e.g. an INT8 folder)
 
-`bench/engine.py` calls `run()` as its part (a); `measure_kv_reuse` returns the numbers.
+`bench/engine.py` calls `run()` as its part (kv); `measure_kv_reuse` returns the numbers.
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def measure_kv_reuse(
 
     with tempfile.TemporaryDirectory(prefix="yanray-kv-") as tmp:
         folder = model if model is not None else _random_model(Path(tmp) / "model")
-        engine = LocalEngine.load(folder, device=device, dtype=dtype, seed=0)
+        # no kept conversations: the replay must prefill from scratch (bench/warm_turns.py has them)
+        engine = LocalEngine.load(folder, device=device, dtype=dtype, seed=0, kv_cache_gb=0)
 
         async def run() -> list[KvReuseResult]:
             try:
@@ -154,7 +155,7 @@ def measure_kv_reuse(
 
 
 def format_results(results: Sequence[KvReuseResult]) -> str:
-    lines = ["(a) tool round: KV cache kept vs re-prefilling the conversation (median)"]
+    lines = ["(kv) tool round: KV cache kept vs re-prefilling the conversation (median)"]
     for r in results:
         lines.append(
             f"  history {r.history_tokens:5d} tokens: kept {r.kept_seconds * 1000:8.1f} ms "
@@ -166,7 +167,7 @@ def format_results(results: Sequence[KvReuseResult]) -> str:
 
 
 def run() -> None:
-    """Measure with the defaults and print (what `bench/engine.py` calls for part (a))."""
+    """Measure with the defaults and print (what `bench/engine.py` calls for part (kv))."""
     print(format_results(measure_kv_reuse()))
 
 

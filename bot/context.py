@@ -5,6 +5,12 @@ system prompt and the newest user turn always stay; whole turns are dropped olde
 first until the rest fits. A newest turn that alone does not fit is refused with
 `ContextTooLong`, never cut silently.
 
+A history that must be cut is cut in large steps: down to three quarters of the budget,
+and the turn it then starts at is remembered (by content, in the `TokenCounter`). Later
+requests start at that same turn for as long as the rest fits, so consecutive prompts
+share their beginning and the local engine's kept KV cache (`engine/kept.py`) serves
+them, instead of each turn moving the window by one message and changing every token.
+
 Token counts come from the engine (its own tokenizer for a local model, an estimate
 for a remote one). A message's cost is counted once and remembered by content, so a
 long conversation is not re-tokenized from the start for every request.
@@ -22,6 +28,8 @@ from yanray.engine.base import ChatMessage, Engine, ToolSpec
 
 #: the fewest tokens a question must have room for; a context with less is refused at start
 MIN_QUESTION_TOKENS = 32
+#: a history that does not fit is cut down to this share of the budget
+CUT_TO = 0.75
 
 SLASH_HELP = (
     "You can use tools. To use one, write its command alone on a line, for example:\n"
@@ -48,6 +56,7 @@ class TokenCounter:
         self._base = engine.count_tokens([])
         self._cache: OrderedDict[tuple[str, str, str], int] = OrderedDict()
         self._size = size
+        self._cuts: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # first messages after a cut
 
     def message(self, message: ChatMessage) -> int:
         key = (message.role, message.name, message.content)
@@ -63,6 +72,15 @@ class TokenCounter:
 
     def prompt(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
         return self.engine.count_tokens(messages, tools)
+
+    def remember_cut(self, message: ChatMessage) -> None:
+        self._cuts[(message.role, message.name, message.content)] = None
+        self._cuts.move_to_end((message.role, message.name, message.content))
+        if len(self._cuts) > self._size:
+            self._cuts.popitem(last=False)
+
+    def was_cut_at(self, message: ChatMessage) -> bool:
+        return (message.role, message.name, message.content) in self._cuts
 
 
 def split_turns(history: Sequence[ChatMessage]) -> list[list[ChatMessage]]:
@@ -109,8 +127,25 @@ def fit_history(
         )
     total = fixed + sum(costs)
     first = 0
-    while total > budget and first < len(turns) - 1:
-        total -= costs[first]
-        first += 1
+    if total > budget:
+        first = _earlier_cut(turns, costs, total, budget, counter)
+        if first < 0:  # a new cut, a large step down
+            target = max(int(budget * CUT_TO), fixed + newest)
+            first = 0
+            while total > target and first < len(turns) - 1:
+                total -= costs[first]
+                first += 1
+            counter.remember_cut(turns[first][0])
     kept = [m for turn in turns[first:] for m in turn]
     return [system, *kept]
+
+
+def _earlier_cut(
+    turns: list[list[ChatMessage]], costs: list[int], total: int, budget: int, counter: TokenCounter
+) -> int:
+    """The oldest turn an earlier cut started at from which the rest still fits, or -1."""
+    for index, turn in enumerate(turns):
+        if total <= budget and counter.was_cut_at(turn[0]):
+            return index
+        total -= costs[index]
+    return -1

@@ -95,6 +95,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_context: int = Field(default=0, ge=0)  # 0: the model's own
+    kv_cache_gb: float | None = Field(default=None, ge=0)  # kept conversations; unset/auto: what is left
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_model: str = "chatglm3-6b-32k"
     openai_api_key: SecretStr | None = None
@@ -153,6 +154,11 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("kv_cache_gb", mode="before")
+    @classmethod
+    def _auto_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
 
     @field_validator("telegram_base_url", "openai_base_url", "discord_api_base", "telegram_webhook_url")
     @classmethod

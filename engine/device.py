@@ -3,13 +3,22 @@
 `YANRAY_DEVICE` auto picks CUDA when a GPU is visible, else the CPU. `YANRAY_DTYPE` auto
 picks bf16 where the GPU has it natively (compute capability 8.0 and up), fp16 on Volta and
 Turing (7.x, no bf16 units), and fp32 on Pascal and older (6.x: fp16 runs at 1/64 of the
-fp32 rate there) and on the CPU. An explicit dtype is obeyed, with a warning where it is slow.
+fp32 rate there). On the CPU it picks bf16 where the CPU computes it natively (AVX512-BF16 or
+AMX, as torch reports them, confirmed by a short matmul timing at load) and fp32 elsewhere: on
+an AVX2-only CPU bf16 is emulated and prefill runs several times slower than in fp32. An explicit
+dtype is obeyed, with a warning where it is slow.
 
 The guard estimates weights + KV cache for the configured context + working memory and
 compares it with the free memory of the device (CUDA: `torch.cuda.mem_get_info`; CPU:
 `MemAvailable`). If it does not fit, loading is refused with a message that says what
 would fit: a shorter `YANRAY_MAX_CONTEXT`, or INT8 weights via `yanray quantize`. Layers
 are never offloaded to the CPU: that is the 40 s per token failure this project avoids.
+
+Kept conversations (`engine/kept.py`, `YANRAY_KV_CACHE_GB`) are counted on top: an explicit
+budget is part of the estimate (and refused if it does not fit); the default is what is left
+after the estimate less a margin (`kept_cache_budget`): on a GPU, all of it less 512 MiB and
+5% of the free memory; on the CPU, whose RAM the rest of the machine shares, half of what is
+left after a 2 GiB margin, at most 4 GiB.
 
 The estimate is a pure function (`estimate_memory`, `check_fits`) so tests can feed it
 made-up free-memory numbers. Working memory is one prefill chunk's activations
@@ -20,6 +29,7 @@ kernels' workspaces and the logits; it errs on the safe side by a few hundred MB
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +71,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def auto_dtype(capability: tuple[int, int] | None, bf16_native: bool) -> torch.dtype:
-    """The compute dtype for a GPU of this compute capability (None: the CPU)."""
+    """The compute dtype for a GPU of this compute capability (None: the CPU, where
+    `bf16_native` says the CPU computes bf16 natively and measured it no slower)."""
     if capability is None:
-        return torch.float32
+        return torch.bfloat16 if bf16_native else torch.float32
     major = capability[0]
     if major >= 8 and bf16_native:
         return torch.bfloat16
@@ -72,13 +83,54 @@ def auto_dtype(capability: tuple[int, int] | None, bf16_native: bool) -> torch.d
     return torch.float32  # Pascal and older: fp16 at 1/64 of the fp32 rate
 
 
+def cpu_bf16_units() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), as torch detects it."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def cpu_bf16_speedup(*, rows: int = 256, size: int = 1024, repeats: int = 3) -> float:
+    """fp32 time / bf16 time of a prefill-shaped matmul on this CPU (median of `repeats`)."""
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, size).to(dtype)
+        w = torch.randn(size, size).to(dtype)
+        torch.mm(x, w)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(x, w)
+            runs.append(time.perf_counter() - start)
+        timings[dtype] = sorted(runs)[len(runs) // 2]
+    return timings[torch.float32] / max(timings[torch.bfloat16], 1e-9)
+
+
+def cpu_computes_bf16(units: bool, speedup: float | None) -> bool:
+    """The CPU's auto choice: bf16 units, and (when measured) bf16 no slower than fp32.
+
+    The timing guards against a machine (a VM, an emulator) that reports the units but runs
+    bf16 slowly; 0.9 leaves room for noise on a loaded machine."""
+    return units and (speedup is None or speedup >= 0.9)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` or a dtype name, for `device`."""
     name = (name or "auto").strip().lower()
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        return auto_dtype(capability, bf16)
+        if device.type == "cuda":
+            return auto_dtype(capability, torch.cuda.is_bf16_supported(including_emulation=False))
+        units = cpu_bf16_units()
+        speedup = cpu_bf16_speedup() if units else None
+        dtype = auto_dtype(None, cpu_computes_bf16(units, speedup))
+        logger.info(
+            "YANRAY_DTYPE=auto on the CPU (%s, bf16 units: %s%s): %s",
+            torch.backends.cpu.get_cpu_capability(),
+            "yes" if units else "no",
+            f", bf16 matmul {speedup:.1f}x the fp32 speed" if speedup is not None else "",
+            str(dtype).removeprefix("torch."),
+        )
+        return dtype
     if name not in _DTYPES:
         raise EngineUnavailable(f"YANRAY_DTYPE={name}: expected auto, bfloat16, float16 or float32")
     dtype = _DTYPES[name]
@@ -114,10 +166,11 @@ class MemoryEstimate:
     weights: int
     kv_cache: int
     overhead: int
+    kept: int = 0  # the kept conversations' budget, when set explicitly
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.overhead
+        return self.weights + self.kv_cache + self.overhead + self.kept
 
 
 def weight_bytes(shape: ModelShape, *, dtype_size: int, int8: bool) -> int:
@@ -167,14 +220,23 @@ def check_fits(
     int8: bool,
     where: str = "the GPU",
     weights: int | None = None,
+    kept: int = 0,
 ) -> MemoryEstimate:
     """The estimate, or `EngineUnavailable` saying what would fit in `free` bytes."""
     size = dtype_bytes(dtype)
     estimate = estimate_memory(shape, context=context, dtype_size=size, int8=int8, weights=weights)
+    estimate = MemoryEstimate(estimate.weights, estimate.kv_cache, estimate.overhead, kept)
     if estimate.total <= free:
         return estimate
     kind = "INT8" if int8 else str(dtype).removeprefix("torch.")
     options: list[str] = []
+    if kept and estimate.total - kept <= free:
+        room = (free - estimate.total + kept) / GiB
+        raise EngineUnavailable(
+            f"YANRAY_KV_CACHE_GB={kept / GiB:g} does not fit: the model in {kind} with a {context}-token "
+            f"context needs about {_gb(estimate.total - kept)} of the {_gb(free)} free on {where}; "
+            f"set YANRAY_KV_CACHE_GB to at most {room:.1f}, or leave it unset for what is left."
+        )
     fits = largest_context(shape, free=free, dtype_size=size, int8=int8, weights=weights)
     if fits >= 1024:
         options.append(f"a shorter context, YANRAY_MAX_CONTEXT={min(fits, context - 1024) or fits}")
@@ -194,6 +256,15 @@ def check_fits(
         f"{_gb(estimate.overhead)}), but {where} has {_gb(free)} free. What fits: {what}. "
         "Layers are never offloaded to the CPU."
     )
+
+
+def kept_cache_budget(requested_gb: float | None, *, left: int, device_type: str) -> int:
+    """Bytes for kept conversations: the request, else a default from the `left` bytes."""
+    if requested_gb is not None:
+        return int(requested_gb * GiB)
+    if device_type == "cuda":
+        return max(0, int(left * 0.95) - 512 * 1024**2)
+    return max(0, min(4 * GiB, (left - 2 * GiB) // 2))
 
 
 def stored_weight_bytes(files: list[Path], dtype: torch.dtype) -> int:

@@ -34,6 +34,7 @@ from yanray.engine.chatglm3.weights import is_chatglm3_config, load_glm_model, r
 from yanray.engine.device import (
     check_fits,
     free_memory,
+    kept_cache_budget,
     model_shape,
     resolve_device,
     resolve_dtype,
@@ -53,6 +54,7 @@ class LoadedParts:
     device: torch.device
     max_context: int
     label: str
+    kv_budget: int = 0  # bytes for kept conversations (engine/kept.py)
 
 
 def _is_int8(folder: Path) -> bool:
@@ -102,6 +104,7 @@ def load_parts(
     dtype: str = "auto",
     max_context: int = 0,
     data_dir: Path | None = None,
+    kv_cache_gb: float | None = None,
 ) -> LoadedParts:
     from yanray.engine.hub import resolve_model
 
@@ -124,6 +127,8 @@ def load_parts(
     if max_context > own:
         logger.warning("YANRAY_MAX_CONTEXT=%d is longer than the model's %d; using %d", max_context, own, own)
     free = free_memory(target)
+    # an explicit budget is counted by the guard; the default is what the guard finds left over
+    kv_budget = int(kv_cache_gb * 2**30) if kv_cache_gb is not None else 0
     if free is not None:
         where = (
             f"the GPU ({torch.cuda.get_device_name(target)})"
@@ -139,8 +144,17 @@ def load_parts(
             int8=int8,
             where=where,
             weights=weights,
+            kept=kv_budget,
         )
-        logger.info("memory estimate %.1f GiB of %.1f GiB free", estimate.total / 2**30, free / 2**30)
+        if kv_cache_gb is None:
+            kv_budget = kept_cache_budget(None, left=free - estimate.total, device_type=target.type)
+        logger.info(
+            "memory estimate %.1f GiB of %.1f GiB free; %.2f GiB for kept conversations%s",
+            estimate.total / 2**30,
+            free / 2**30,
+            kv_budget / 2**30,
+            "" if kv_cache_gb is not None else " (the default: YANRAY_KV_CACHE_GB unset)",
+        )
     del skeleton
 
     logger.info(
@@ -173,4 +187,6 @@ def load_parts(
             fmt = _template_format(folder, loaded)
     except (OSError, ValueError, KeyError) as exc:
         raise EngineUnavailable(f"cannot load the model in {folder}: {exc}") from None
-    return LoadedParts(model=loaded, fmt=fmt, device=target, max_context=context, label=str(folder))
+    return LoadedParts(
+        model=loaded, fmt=fmt, device=target, max_context=context, label=str(folder), kv_budget=kv_budget
+    )

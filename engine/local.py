@@ -19,7 +19,10 @@ included) rolls its session back, frees cached GPU memory, and raises `EngineErr
 line for the user; the engine and the session keep working.
 
 A session keeps its KV cache: `append` only encodes the message, and the next round
-prefills just those tokens; `Generation.prompt_tokens` is the number prefilled.
+prefills just those tokens; `Generation.prompt_tokens` is the number prefilled. When a
+session closes its cache is kept (`engine/kept.py`, within `kv_budget` bytes), and a later
+session whose prompt starts with the same ids takes it at its first round: a conversation's
+next turn prefills only its new tokens. Running out of memory drops every kept cache.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from yanray.engine.base import (
 )
 from yanray.engine.chat_format import ChatFormat
 from yanray.engine.generate import SessionState, run_round, truncate_cache
+from yanray.engine.kept import KeptCaches
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,7 @@ class LocalEngine:
         executor: ThreadPoolExecutor,
         seed: int | None = None,
         label: str = "",
+        kv_budget: int = 0,
     ) -> None:
         self.model = model
         self.fmt = fmt
@@ -78,6 +83,7 @@ class LocalEngine:
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed if seed is not None else random.randrange(2**63))
         self._closed = False
+        self.kept = KeptCaches(kv_budget)
 
     @classmethod
     def load(
@@ -89,14 +95,24 @@ class LocalEngine:
         max_context: int = 0,
         data_dir: Path | None = None,
         seed: int | None = None,
+        kv_cache_gb: float | None = None,
     ) -> LocalEngine:
-        """Load `model` (blocking; call it in a thread). Raises `EngineUnavailable` with one line."""
+        """Load `model` (blocking; call it in a thread). Raises `EngineUnavailable` with one line.
+
+        `kv_cache_gb` bounds the kept conversations' caches (None: what the memory guard finds
+        left over, `engine/device.py`; 0: none kept)."""
         from yanray.engine.loader import load_parts
 
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yanray-engine")
         try:
             parts = executor.submit(
-                load_parts, model, device=device, dtype=dtype, max_context=max_context, data_dir=data_dir
+                load_parts,
+                model,
+                device=device,
+                dtype=dtype,
+                max_context=max_context,
+                data_dir=data_dir,
+                kv_cache_gb=kv_cache_gb,
             ).result()
         except BaseException:
             executor.shutdown(wait=False)
@@ -109,6 +125,7 @@ class LocalEngine:
             executor=executor,
             seed=seed,
             label=parts.label,
+            kv_budget=parts.kv_budget,
         )
 
     # -- the protocol ------------------------------------------------------------------
@@ -141,6 +158,7 @@ class LocalEngine:
         return await loop.run_in_executor(self._executor, fn, *args)
 
     def _release(self) -> None:
+        self.kept.clear()
         self.model = None
         self._free_memory()
 
@@ -156,6 +174,8 @@ class LocalEngine:
             raise EngineUnavailable("The local model has been shut down.")
         failure: EngineError
         try:
+            if state.cache is None and state.cached == 0:
+                self._warm(state)
             generation = run_round(
                 self.model,
                 state,
@@ -174,6 +194,9 @@ class LocalEngine:
             failure = EngineError(
                 "The model ran out of memory on this request; try a shorter message or /reset."
             )
+            dropped = self.kept.clear()
+            if dropped:
+                logger.warning("out of memory: dropped the %d kept conversation caches", dropped)
         except Exception:  # the engine's one central handler: any failure ends this request only
             logger.exception("generation failed")
             failure = EngineError("The model failed on this request (the log has details); please try again.")
@@ -184,6 +207,13 @@ class LocalEngine:
         # outside the except blocks, so the traceback (and the tensors its frames hold) is gone
         self._free_memory()
         raise failure
+
+    def _warm(self, state: SessionState) -> None:
+        """Start from the kept cache sharing the longest prefix with this prompt, if any."""
+        found = self.kept.take(state.tokens, self._new_cache)
+        if found is not None:
+            state.cache, state.cached = found
+            logger.debug("warm start: %d of %d prompt tokens cached", state.cached, len(state.tokens))
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -198,8 +228,13 @@ class LocalEngine:
         state.tokens.extend(new)
         state.transcript.append(message)
 
-    @staticmethod
-    def _close(state: SessionState) -> None:
+    def _close(self, state: SessionState) -> None:
+        if state.cache is not None and self.model is not None:
+            try:
+                self.kept.keep(state.tokens[: state.cached], state.cache)
+            except torch.OutOfMemoryError:  # compacting a cut-back cache needs a copy
+                logger.warning("out of memory keeping a conversation; dropped the kept caches")
+                self.kept.clear()
         state.cache, state.cached = None, 0
         state.tokens.clear()
 

@@ -15,7 +15,10 @@ from yanray.engine.device import (
     ModelShape,
     auto_dtype,
     check_fits,
+    cpu_bf16_units,
+    cpu_computes_bf16,
     estimate_memory,
+    kept_cache_budget,
     kv_cache_bytes,
     model_shape,
     resolve_device,
@@ -28,7 +31,8 @@ from yanray.engine.skeleton import meta_model
 @pytest.mark.parametrize(
     ("capability", "bf16", "expected"),
     [
-        (None, False, torch.float32),  # CPU
+        (None, False, torch.float32),  # CPU without bf16 units (AVX2: bf16 emulated)
+        (None, True, torch.bfloat16),  # CPU with AVX512-BF16 or AMX
         ((6, 1), False, torch.float32),  # Pascal: fp16 at 1/64 rate
         ((7, 0), False, torch.float16),  # Volta
         ((7, 5), True, torch.float16),  # Turing (bf16 only emulated)
@@ -42,9 +46,33 @@ def test_auto_dtype_follows_the_gpu(
     assert auto_dtype(capability, bf16) == expected
 
 
+@pytest.mark.parametrize(
+    ("units", "speedup", "expected"),
+    [
+        (False, None, False),  # AVX2 only: fp32
+        (True, None, True),  # units, not measured
+        (True, 2.5, True),  # units, bf16 measured faster
+        (True, 0.95, True),  # units, about even (noise on a loaded machine)
+        (True, 0.3, False),  # units reported but bf16 measured slow (emulated): fp32
+    ],
+)
+def test_cpu_auto_dtype_needs_bf16_units_that_measure_fast(
+    units: bool, speedup: float | None, expected: bool
+) -> None:
+    assert cpu_computes_bf16(units, speedup) is expected
+
+
+def test_cpu_auto_dtype_on_this_machine(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="yanray.engine.device")
+    chosen = resolve_dtype("auto", torch.device("cpu"))
+    if not cpu_bf16_units():
+        assert chosen == torch.float32
+    assert chosen in (torch.float32, torch.bfloat16)
+    assert any("YANRAY_DTYPE=auto on the CPU" in r.getMessage() for r in caplog.records)
+
+
 def test_device_and_dtype_names() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(EngineUnavailable, match="YANRAY_DTYPE"):
         resolve_dtype("int4", torch.device("cpu"))
@@ -108,6 +136,29 @@ def test_guard_suggests_a_context_that_fits(shape_6b: ModelShape) -> None:
 def test_guard_when_nothing_fits(shape_6b: ModelShape) -> None:
     with pytest.raises(EngineUnavailable, match="does not fit this device"):
         check_fits(shape_6b, free=2 * GiB, context=8192, dtype=torch.float16, int8=True)
+
+
+def test_guard_counts_the_kept_conversations_budget(shape_6b: ModelShape) -> None:
+    free = int(9.8 * GiB)  # a 10 GB card (P102-100) once CUDA has started
+    plain = check_fits(shape_6b, free=free, context=8192, dtype=torch.float32, int8=True)
+    left = free - plain.total
+    with_kept = check_fits(shape_6b, free=free, context=8192, dtype=torch.float32, int8=True, kept=left)
+    assert with_kept.total == free and with_kept.kept == left
+    with pytest.raises(EngineUnavailable) as refused:
+        check_fits(shape_6b, free=free, context=8192, dtype=torch.float32, int8=True, kept=left + GiB)
+    message = str(refused.value)
+    assert "\n" not in message and "YANRAY_KV_CACHE_GB" in message
+    assert f"at most {left / GiB:.1f}" in message
+
+
+def test_default_kept_budget_is_what_is_left_less_a_margin() -> None:
+    assert kept_cache_budget(1.5, left=0, device_type="cuda") == int(1.5 * GiB)  # explicit: as asked
+    assert kept_cache_budget(0, left=10 * GiB, device_type="cpu") == 0  # 0: off
+    assert kept_cache_budget(None, left=2 * GiB, device_type="cuda") == int(2 * GiB * 0.95) - 512 * 1024**2
+    assert kept_cache_budget(None, left=100 * 1024**2, device_type="cuda") == 0
+    assert kept_cache_budget(None, left=6 * GiB, device_type="cpu") == 2 * GiB  # half of what is past 2 GiB
+    assert kept_cache_budget(None, left=64 * GiB, device_type="cpu") == 4 * GiB  # at most 4 GiB
+    assert kept_cache_budget(None, left=GiB, device_type="cpu") == 0
 
 
 # -- first run -----------------------------------------------------------------------------

@@ -45,7 +45,9 @@ def tok() -> ChatGLM3Tokenizer:
 
 
 def _engine(folder: Path) -> Iterator[LocalEngine]:
-    engine = LocalEngine.load(folder, device="cpu", dtype="float32", seed=1)
+    # no kept conversations: each test here counts what one session prefills from cold
+    # (tests/test_warm_conversations.py covers the kept caches)
+    engine = LocalEngine.load(folder, device="cpu", dtype="float32", seed=1, kv_cache_gb=0)
     yield engine
     engine._executor.shutdown(wait=True)
 

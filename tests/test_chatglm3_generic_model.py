@@ -17,8 +17,12 @@ MESSAGES = [ChatMessage("system", "you are fine"), ChatMessage("user", "hello ho
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEngine]:
-    engine = LocalEngine.load(
-        tiny_llama_chat(tmp_path_factory.mktemp("llama")), device="cpu", dtype="float32", seed=0
+    engine = LocalEngine.load(  # no kept conversations: the tests count what one session prefills
+        tiny_llama_chat(tmp_path_factory.mktemp("llama")),
+        device="cpu",
+        dtype="float32",
+        seed=0,
+        kv_cache_gb=0,
     )
     yield engine
     engine._executor.shutdown(wait=True)

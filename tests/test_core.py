@@ -236,6 +236,29 @@ async def test_history_is_cut_oldest_first_to_the_budget(make_settings, core_fac
     assert engine.count_tokens(engine.prompts[-1]) <= 40
 
 
+async def test_a_cut_history_is_cut_in_large_steps_so_turns_share_a_prefix(
+    make_settings, core_factory
+) -> None:
+    # 13 tokens a turn (scripted engine: a token per word, four per message), a 200-token budget
+    engine = ScriptedEngine(["short answer"], max_context=64 + 200)
+    core = await core_factory(make_settings(tools=[], max_new_tokens=64, system_prompt="rules"), engine)
+    for i in range(40):
+        await (await ask(core, f"question number {i}")).wait()
+    sizes = [engine.count_tokens(prompt) for prompt in engine.prompts]
+    assert max(sizes) <= 200
+    first_cut = next(i for i, prompt in enumerate(engine.prompts) if prompt[1].content != "question number 0")
+    moved = []  # turns whose prompt does not start with the previous one (the window moved)
+    for i in range(first_cut, len(engine.prompts)):
+        previous, prompt = engine.prompts[i - 1], engine.prompts[i]
+        if prompt[: len(previous)] != previous:
+            moved.append(i)
+            assert sizes[i] <= 150  # cut down to three quarters of the budget
+    cut_turns = len(engine.prompts) - first_cut
+    # cut one turn at a time, every turn would move the window; in steps, about one turn in four
+    assert 0 < len(moved) <= cut_turns // 3
+    assert engine.prompts[-1][-1].content == "question number 39"
+
+
 async def test_a_message_longer_than_the_budget_gets_a_clear_answer(make_settings, core_factory) -> None:
     engine = ScriptedEngine(["never"], max_context=200)
     core = await core_factory(make_settings(tools=[], max_new_tokens=64), engine)
