@@ -58,6 +58,7 @@ from yanray.bot.app import Core
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming
 from yanray.engine.base import ChatMessage, FinishReason, GenerateOptions, Generation, TextCallback, ToolSpec
+from yanray.engine.fit import counting_fitter
 from yanray.storage import crud
 
 TARGET = 1.05
@@ -78,9 +79,16 @@ class TimedEngine:
         self.tool_call = tool_call
         #: the engine's own seconds, by question tag (the first word of the user's message)
         self.spent: defaultdict[str, float] = defaultdict(float)
+        self.fitter = counting_fitter(self.count_tokens)
 
     def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
         return 2 + sum(4 + len(m.content) // 4 for m in messages)
+
+    async def fit(
+        self, system: ChatMessage, history: Sequence[ChatMessage], tools: Sequence[ToolSpec], budget: int
+    ) -> list[ChatMessage]:
+        """The shared fitting rules (`engine/fit.py`) over `count_tokens`, on a thread."""
+        return await asyncio.to_thread(self.fitter.fit, system, list(history), tools, budget)
 
     async def start(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> TimedSession:
         return TimedSession(self, messages)

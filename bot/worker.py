@@ -1,11 +1,12 @@
 """The engine worker: the one consumer of the request queue.
 
-For each job it marks the stored request running, builds the prompt (system prompt,
-history within the token budget), runs the tool loop on a fresh engine session while
-streaming the visible text to the adapter, then stores every round, tool result and
-the reply and marks the request done in one transaction, and only then delivers the
-final text (in the background, so a platform's rate limit does not hold up the engine)
-and marks it delivered.
+For each job it marks the stored request running (a short write transaction), reads the
+history back in read-only transactions that take no write lock, has the engine fit it to
+the token budget (`Engine.fit`: counted with the model's tokenizer, off the event loop),
+runs the tool loop on a fresh engine session while streaming the visible text to the
+adapter, then stores every round, tool result and the reply and marks the request done
+in one transaction, and only then delivers the final text (in the background, so a
+platform's rate limit does not hold up the engine) and marks it delivered.
 
 Exactly once: a request is answered from its stored reply if the process died after
 storing it but before delivering; a request left queued or running is generated
@@ -42,7 +43,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from yanray.bot.context import TokenCounter, fit_history, system_prompt
+from yanray.bot.context import system_prompt, too_long
 from yanray.bot.errors import ContextTooLong, DeliveryRefused, EngineError
 from yanray.bot.i18n import N_, normalize, translator
 from yanray.bot.queue import Job, RequestQueue
@@ -50,7 +51,7 @@ from yanray.bot.settings import Settings
 from yanray.bot.toolloop import LoopResult, ToolLoop
 from yanray.bot.tools import Tool
 from yanray.bot.types import Adapter, ReplyStream
-from yanray.engine.base import ChatMessage, Engine, GenerateOptions, Role
+from yanray.engine.base import ChatMessage, Engine, GenerateOptions, PromptTooLong, Role, ToolSpec
 from yanray.storage import Conversation, Database, Message, crud
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,6 @@ class EngineWorker:
         self.queue = queue
         self.tools = tools
         self.loop = ToolLoop(tools=tools, max_rounds=settings.tool_rounds)
-        self.counter = TokenCounter(engine)
         self.adapters: dict[str, Adapter] = {}
         self.shown = ShownRecorder(db)
         self.idle = asyncio.Event()
@@ -225,7 +225,7 @@ class EngineWorker:
         tools = list(self.tools.values()) if self.settings.tool_rounds > 0 else []
         specs = [t.spec for t in tools] if self.engine.native_tools else []
         system = ChatMessage("system", system_prompt(base_prompt, tools, native=self.engine.native_tools))
-        fixed = self.counter.prompt([system], specs)
+        fixed = self.engine.count_tokens([system], specs)
         return fixed, self.engine.max_context - self.settings.max_new_tokens - fixed
 
     def track(self, request_id: int, out: ReplyStream) -> None:
@@ -286,13 +286,12 @@ class EngineWorker:
         return count
 
     async def process(self, job: Job) -> None:
-        async with self.db.transaction() as session:
+        async with self.db.transaction() as session:  # short: the write lock is not held for reading
             request = await crud.start_request(session=session, request_id=job.request_id)
             if request is None:
                 return  # cancelled while it waited
             conversation = await crud.get_conversation(session=session, conversation_id=job.conversation_id)
             assert conversation is not None
-            history = await self._load_history(session, conversation, request.user_message_id)
             turn = request.user_message_id
             base_prompt = conversation.system_prompt or self.settings.default_prompt(job.language)
         try:
@@ -314,7 +313,7 @@ class EngineWorker:
         try:
             async with asyncio.timeout(limit + HARD_STOP_GRACE_S):
                 try:
-                    result = await self._generate(job, base_prompt, [to_chat(m) for m in history])
+                    result = await self._generate(job, conversation, turn, base_prompt)
                 finally:
                     timer.cancel()  # storing and delivering are not part of the answer's time
         except ContextTooLong as exc:
@@ -349,27 +348,36 @@ class EngineWorker:
             else:
                 await self._close(job, "done", rounds=result, turn=turn)
 
-    async def _load_history(self, session: Any, conversation: Conversation, turn: int) -> list[Message]:
-        """The newest messages of the context, enough to fill the token budget (or all of them):
-        a long conversation is not read back whole for every question."""
+    async def _load_history(
+        self, conversation: Conversation, turn: int, system: ChatMessage, specs: list[ToolSpec]
+    ) -> list[ChatMessage]:
+        """The prompt's messages: the system message and the newest history the engine fits in
+        the token budget. Read back a page at a time, in read-only transactions that take no
+        write lock, so a long conversation is not read back whole for every question; the
+        engine counts (off the event loop) and fits."""
         budget = self.engine.max_context - self.settings.max_new_tokens
         limit = HISTORY_PAGE
         while True:
-            history = await crud.context_messages(
-                session=session, conversation=conversation, up_to_turn=turn, newest=limit
-            )
-            if len(history) < limit or sum(self.counter.message(to_chat(m)) for m in history) > budget:
-                return history
+            async with self.db.reading() as session:
+                stored = await crud.context_messages(
+                    session=session, conversation=conversation, up_to_turn=turn, newest=limit
+                )
+            history = [to_chat(m) for m in stored]
+            try:
+                messages = await self.engine.fit(system, history, specs, budget)
+            except PromptTooLong as exc:
+                raise too_long(exc) from None
+            if len(stored) < limit or len(messages) <= len(history):  # all read, or some cut
+                return messages
             limit *= 4
 
-    async def _generate(self, job: Job, base_prompt: str, history: list[ChatMessage]) -> LoopResult:
+    async def _generate(
+        self, job: Job, conversation: Conversation, turn: int, base_prompt: str
+    ) -> LoopResult:
         tools = list(self.tools.values()) if self.settings.tool_rounds > 0 else []
         specs = [t.spec for t in tools] if self.engine.native_tools else []
         system = ChatMessage("system", system_prompt(base_prompt, tools, native=self.engine.native_tools))
-        budget = self.engine.max_context - self.settings.max_new_tokens
-        messages = fit_history(
-            system=system, history=history, tools=specs, counter=self.counter, budget=budget
-        )
+        messages = await self._load_history(conversation, turn, system, specs)
 
         def options() -> GenerateOptions:
             return GenerateOptions(

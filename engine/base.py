@@ -40,6 +40,7 @@ __all__ = [
     "FinishReason",
     "GenerateOptions",
     "Generation",
+    "PromptTooLong",
     "Role",
     "TextCallback",
     "ToolCall",
@@ -99,6 +100,23 @@ class Generation:
     new_tokens: int = 0
 
 
+class PromptTooLong(EngineError):
+    """The prompt cannot fit the context (`Engine.fit`): `part` is "instructions" (the system
+    message with the tools takes `tokens`, the whole `budget` or more) or "message" (the newest
+    turn alone takes `tokens`, and only `room` are left for it). The worker tells the user in
+    their language; `str()` is the English line."""
+
+    def __init__(
+        self, part: Literal["instructions", "message"], *, tokens: int, budget: int, room: int
+    ) -> None:
+        what = "the instructions" if part == "instructions" else "the newest message"
+        super().__init__(f"The prompt does not fit: {what} take about {tokens} tokens, and {room} fit.")
+        self.part = part
+        self.tokens = tokens
+        self.budget = budget
+        self.room = room
+
+
 TextCallback = Callable[[str], None]
 
 
@@ -124,7 +142,15 @@ class Engine(Protocol):
     native_tools: bool
 
     def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
-        """Tokens the prompt for these messages takes, counted as the model counts them."""
+        """Tokens the prompt for these messages takes, counted as the model counts them
+        (blocking: at start-up and in tests; the request path uses `fit`)."""
+        ...
+
+    async def fit(
+        self, system: ChatMessage, history: Sequence[ChatMessage], tools: Sequence[ToolSpec], budget: int
+    ) -> list[ChatMessage]:
+        """The prompt's messages: `system` and the newest turns of `history` that fit in
+        `budget` tokens (`engine/fit.py`), counted off the event loop. Raises `PromptTooLong`."""
         ...
 
     async def start(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> EngineSession:

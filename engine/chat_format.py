@@ -43,6 +43,22 @@ class ChatFormat(Protocol):
 
     def prompt_ids(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]: ...
 
+    def blocks(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[ChatMessage] | None:
+        """The messages whose `message_ids`, laid end to end by `join`, are exactly
+        `prompt_ids(messages, tools)` (tools folded into the system message); None where a
+        message's ids depend on its neighbours (a chat template), and then only `prompt_ids`
+        builds a prompt. With blocks, the local engine encodes each message once and keeps
+        its ids (`engine/local.py`)."""
+        ...
+
+    def message_ids(self, message: ChatMessage) -> list[int]:
+        """One block's ids (only where `blocks` is not None)."""
+        ...
+
+    def join(self, blocks: Sequence[Sequence[int]]) -> list[int]:
+        """The prompt around the blocks' ids (only where `blocks` is not None)."""
+        ...
+
     def continuation(
         self,
         tokens: Sequence[int],
@@ -115,7 +131,8 @@ class TemplateFormat:
             raise ValueError("the tokenizer has no chat template")
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
-        # fast tokenizers refuse concurrent use ("Already borrowed"); count_tokens runs on the loop
+        # fast tokenizers refuse concurrent use ("Already borrowed"): fitting and starting run on
+        # the engine's tokenizing thread, counting at start-up on the caller's
         self._lock = threading.Lock()
 
     @staticmethod
@@ -145,6 +162,15 @@ class TemplateFormat:
             logger.warning("chat template refused the messages: %s", exc)
             raise EngineError("This message contains text the model treats as a control token.") from None
         return [int(i) for i in ids]
+
+    def blocks(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[ChatMessage] | None:
+        return None  # a template joins same-role messages and frames each by its neighbours
+
+    def message_ids(self, message: ChatMessage) -> list[int]:
+        raise NotImplementedError("a chat template has no per-message blocks")
+
+    def join(self, blocks: Sequence[Sequence[int]]) -> list[int]:
+        raise NotImplementedError("a chat template has no per-message blocks")
 
     def decode(self, ids: Sequence[int]) -> str:
         with self._lock:

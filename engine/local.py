@@ -23,6 +23,15 @@ prefills just those tokens; `Generation.prompt_tokens` is the number prefilled. 
 session closes its cache is kept (`engine/kept.py`, within `kv_budget` bytes), and a later
 session whose prompt starts with the same ids takes it at its first round: a conversation's
 next turn prefills only its new tokens. Running out of memory drops every kept cache.
+
+Tokenizing has a thread of its own (a second single-worker executor): fitting a history
+(`fit`, `engine/fit.py`) and building a session's prompt ids (`start`) run there, never on
+the event loop, and never behind a generation on the engine thread. Where the chat format
+lays messages end to end (ChatGLM3, `ChatFormat.blocks`), each message is encoded once and
+its ids kept (by content, up to IDS_KEPT ids, least recently used first out): the history a
+request fits is then counted and assembled from those ids, and only new messages are
+encoded. A chat template frames each message by its neighbours, so there a message's cost
+is remembered and the prompt is rendered whole.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ import asyncio
 import gc
 import logging
 import random
+from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,12 +59,16 @@ from yanray.engine.base import (
     ToolSpec,
 )
 from yanray.engine.chat_format import ChatFormat
+from yanray.engine.fit import Fitter, Key, key_of
 from yanray.engine.generate import SessionState, run_round, truncate_cache
 from yanray.engine.kept import KeptCaches
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: message ids kept for assembling prompts (4 bytes each: 8 MiB)
+IDS_KEPT = 1 << 21
 
 
 class LocalEngine:
@@ -84,6 +99,12 @@ class LocalEngine:
         self._generator.manual_seed(seed if seed is not None else random.randrange(2**63))
         self._closed = False
         self.kept = KeptCaches(kv_budget)
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yanray-tokenize")
+        self._blocks = fmt.blocks([], ()) is not None
+        self._ids: OrderedDict[Key, array[int]] = OrderedDict()  # touched on the tokenizing thread only
+        self._ids_total = 0
+        self._base: int | None = None
+        self.fitter = Fitter(cost=self._cost, fixed=self._fixed)
 
     @classmethod
     def load(
@@ -133,11 +154,17 @@ class LocalEngine:
     def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
         return len(self.fmt.prompt_ids(messages, tools if self.native_tools else ()))
 
+    async def fit(
+        self, system: ChatMessage, history: Sequence[ChatMessage], tools: Sequence[ToolSpec], budget: int
+    ) -> list[ChatMessage]:
+        self._check_open()
+        tools = tuple(tools) if self.native_tools else ()
+        return await self._tokenize(self.fitter.fit, system, list(history), tools, budget)
+
     async def start(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> LocalSession:
         self._check_open()
         tools = tuple(tools) if self.native_tools else ()
-        # tokenizing is not torch work: a thread of its own, so it does not wait behind a generation
-        ids = await asyncio.to_thread(self.fmt.prompt_ids, messages, tools)
+        ids = await self._tokenize(self._prompt_ids, list(messages), tools)
         return LocalSession(self, SessionState(tokens=ids, tools=tools, transcript=list(messages)))
 
     async def aclose(self) -> None:
@@ -146,6 +173,43 @@ class LocalEngine:
         self._closed = True
         await self._run(self._release)
         await asyncio.to_thread(self._executor.shutdown, wait=True)
+        await asyncio.to_thread(self._tokenizing.shutdown, wait=True)
+
+    # -- the tokenizing thread ---------------------------------------------------------
+
+    async def _tokenize(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, fn, *args)
+
+    def _prompt_ids(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[int]:
+        blocks = self.fmt.blocks(messages, tools)
+        if blocks is None:
+            return self.fmt.prompt_ids(messages, tools)
+        return self.fmt.join([self._message_ids(m) for m in blocks])
+
+    def _message_ids(self, message: ChatMessage) -> array[int]:
+        key = key_of(message)
+        ids = self._ids.get(key)
+        if ids is not None:
+            self._ids.move_to_end(key)
+            return ids
+        ids = array("i", self.fmt.message_ids(message))
+        self._ids[key] = ids
+        self._ids_total += len(ids)
+        while self._ids_total > IDS_KEPT and len(self._ids) > 1:
+            _, dropped = self._ids.popitem(last=False)
+            self._ids_total -= len(dropped)
+        return ids
+
+    def _cost(self, message: ChatMessage) -> int:
+        if self._blocks:
+            return len(self._message_ids(message))
+        if self._base is None:
+            self._base = len(self.fmt.prompt_ids([], ()))
+        return len(self.fmt.prompt_ids([message], ())) - self._base
+
+    def _fixed(self, system: ChatMessage, tools: Sequence[ToolSpec]) -> int:
+        return len(self._prompt_ids([system], tools))
 
     # -- the engine thread -------------------------------------------------------------
 

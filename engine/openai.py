@@ -14,6 +14,8 @@ Choices where the design is silent:
   bytes, so it counts as one token (ChatGLM3 needs fewer); English counts about 1 token per
   3 characters (tokenizers need about 4). The estimate errs on the long side, so a cut
   history still fits. The server's `usage`, when it sends one, fills `Generation`'s counts.
+  Fitting a history (`fit`, `engine/fit.py`) estimates on a thread of the engine's own,
+  off the event loop: the estimate reads every byte of people's text.
 - An observation is sent as a `user` message `Tools: <content>` (the seed's plain format),
   because OpenAI-compatible servers have no observation role that all of them accept.
   Roles system, user and assistant map to themselves. `tools` are not sent
@@ -45,6 +47,7 @@ import json
 import logging
 import math
 from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -59,6 +62,7 @@ from yanray.engine.base import (
     TextCallback,
     ToolSpec,
 )
+from yanray.engine.fit import Fitter
 from yanray.engine.openai_stream import (
     ChunkReader,
     MalformedChunk,
@@ -133,6 +137,11 @@ class OpenAIEngine:
         self._secrets = tuple(filter(None, (api_key, url.password)))  # scrubbed from server text
         self._http = http
         self._owns_http = http is None
+        self.fitter = Fitter(
+            cost=lambda message: estimate_tokens([message]) - REPLY_PRIMING_TOKENS,
+            fixed=lambda system, tools: estimate_tokens([system]),
+        )
+        self._estimating: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIEngine(base_url={self.display_url!r}, model={self.model!r})"
@@ -140,10 +149,23 @@ class OpenAIEngine:
     def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
         return estimate_tokens(messages)
 
+    async def fit(
+        self, system: ChatMessage, history: Sequence[ChatMessage], tools: Sequence[ToolSpec], budget: int
+    ) -> list[ChatMessage]:
+        if self._estimating is None:
+            self._estimating = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yanray-estimate")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._estimating, self.fitter.fit, system, list(history), (), budget
+        )
+
     async def start(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> OpenAISession:
         return OpenAISession(self, messages)
 
     async def aclose(self) -> None:
+        if self._estimating is not None:
+            self._estimating.shutdown(wait=False)
+            self._estimating = None
         if self._owns_http and self._http is not None:
             await self._http.close()
             self._http = None

@@ -4,7 +4,9 @@ SQLite (the default, through aiosqlite) is opened in WAL mode with a `busy_timeo
 foreign keys on. Every transaction starts with `BEGIN IMMEDIATE`: SQLite's default
 deferred BEGIN takes the write lock only at the first write, and two transactions that
 both read then write deadlock into "database is locked"; immediate transactions queue
-on `busy_timeout` instead. PostgreSQL (asyncpg) needs none of this.
+on `busy_timeout` instead. PostgreSQL (asyncpg) needs none of this. A read that writes
+nothing (`Database.reading()`) takes no write lock: on SQLite it begins a deferred
+transaction, which in WAL mode reads a snapshot while writers go on.
 
 The schema is Alembic's: `Database.open()` upgrades to the newest revision at start-up
 and refuses a database whose revision this Yanray does not know (written by a newer one),
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+#: the execution option `Database.reading()` marks its connection with
+READ_ONLY = "yanray_read_only"
 
 
 def _shown(url: str) -> str:
@@ -72,7 +76,8 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
 
 
 def _upgrade(connection: Connection, url: str) -> None:
@@ -118,6 +123,8 @@ class Database:
         # SQLite has one writer at a time. Queueing writers here, in the event loop, is
         # cheaper and fairer than SQLite's busy handler, which sleeps and retries.
         self._writer = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        # an in-memory SQLite database is one connection: a read must queue like a write
+        self._shared = self._writer is not None and engine.url.database in (None, "", ":memory:")
 
     @classmethod
     async def open(cls, url: str) -> Database:
@@ -162,6 +169,19 @@ class Database:
                 yield session
             return
         async with self._writer, self._sessions() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads only, in one transaction that takes no write lock (SQLite: a
+        deferred BEGIN, a WAL snapshot). Writing in it is a bug."""
+        if self._shared:
+            async with self.transaction() as session:
+                yield session
+            return
+        async with self._sessions() as session, session.begin():
+            # ended by a commit (it wrote nothing), which unlike a rollback leaves what was read loaded
+            await session.connection(execution_options={READ_ONLY: True})
             yield session
 
     async def close(self) -> None:

@@ -3,6 +3,7 @@
 It implements the real `Engine` protocol: sessions keep the message list, `generate`
 streams the scripted text in small pieces on the event loop, honours `stop_at`, the
 cancel flag and `max_new_tokens` (counted in pieces), and `append` adds observations.
+`fit` applies the engines' shared rules (`engine/fit.py`) over `count_tokens`.
 `fail_with` makes it fail at once, `fail_after` once the reply was streamed.
 Every session's prompts are recorded in `engine.prompts`, so a test can assert what
 the model saw.
@@ -21,6 +22,7 @@ from yanray.engine.base import (
     TextCallback,
     ToolSpec,
 )
+from yanray.engine.fit import counting_fitter
 
 Responder = Callable[[list[ChatMessage]], str]
 
@@ -101,6 +103,7 @@ class ScriptedEngine:
         self.before_reply: Callable[[], asyncio.Future[None]] | None = None
         self.closed_sessions = 0
         self._next = 0
+        self.fitter = counting_fitter(self.count_tokens)
 
     def next_reply(self, messages: list[ChatMessage]) -> str:
         if self.responder is not None:
@@ -112,6 +115,12 @@ class ScriptedEngine:
     def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
         """One token per word plus four per message: simple and predictable in tests."""
         return 2 + sum(4 + len(m.content.split()) for m in messages)
+
+    async def fit(
+        self, system: ChatMessage, history: Sequence[ChatMessage], tools: Sequence[ToolSpec], budget: int
+    ) -> list[ChatMessage]:
+        """The shared fitting rules (`engine/fit.py`) over `count_tokens`, on a thread."""
+        return await asyncio.to_thread(self.fitter.fit, system, list(history), tools, budget)
 
     async def start(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> ScriptedSession:
         return ScriptedSession(self, messages)

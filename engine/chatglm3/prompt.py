@@ -26,7 +26,16 @@ from collections.abc import Sequence
 
 from yanray.engine.base import ChatMessage, ToolCall, ToolSpec
 from yanray.engine.chat_format import AnswerText, ReplyDecoder
-from yanray.engine.chatglm3.tokenizer import ASSISTANT, STOP_IDS, SYSTEM, ChatGLM3Tokenizer, Utf8Stream
+from yanray.engine.chatglm3.tokenizer import (
+    ASSISTANT,
+    GMASK,
+    SOP,
+    STOP_IDS,
+    SYSTEM,
+    ChatGLM3Tokenizer,
+    Utf8Stream,
+    with_tools,
+)
 from yanray.engine.chatglm3.tools import ToolCallError, is_tool_name, parse_tool_call
 
 logger = logging.getLogger(__name__)
@@ -102,6 +111,20 @@ class ChatGLM3Format:
 
     def prompt_ids(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
         return self.tokenizer.encode_prompt(messages, tools)
+
+    def blocks(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> list[ChatMessage] | None:
+        return with_tools(messages, tools)
+
+    def message_ids(self, message: ChatMessage) -> list[int]:
+        return self.tokenizer.message_block(message)
+
+    def join(self, blocks: Sequence[Sequence[int]]) -> list[int]:
+        """`encode_prompt`'s frame: the prefix, the blocks, the generation prompt."""
+        ids = [GMASK, SOP]
+        for block in blocks:
+            ids += block
+        ids.append(ASSISTANT)
+        return ids
 
     def continuation(
         self,
