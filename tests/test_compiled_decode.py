@@ -12,6 +12,7 @@ that takes the kept cache (warm conversations).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,13 @@ from yanray.engine.compiled import CompiledDecode, bucket_for, compile_enabled
 from yanray.engine.local import LocalEngine
 
 SYSTEM = ChatMessage("system", "You are Yanray.")
+
+
+@pytest.fixture(autouse=True)
+def _one_compile_thread() -> Iterator[None]:
+    """2 shared cores: inductor compiles in this process, without a pool of workers."""
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +89,6 @@ def eager(folder: Path) -> list[tuple[str, list[int]]]:
 async def test_compiled_decode_gives_the_eager_greedy_ids(
     folder: Path, eager: list[tuple[str, list[int]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # 2 shared cores: no worker pool
     buckets: list[int] = []  # the static cache's length at each compiled step
     run = CompiledDecode.run
 
@@ -119,6 +126,35 @@ async def test_a_compile_failure_is_logged_once_and_the_eager_path_answers(
     failures = [r for r in caplog.records if "compiled decode failed" in r.getMessage()]
     assert len(failures) == 1
     assert engine.compiled is not None and engine.compiled.failed
+
+
+async def test_int8_linears_in_the_compiled_step_use_the_fused_form(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dequant-fused `F.linear(x, w.to(x.dtype)) * scale` (chosen where it measures faster,
+    i.e. on a GPU; forced here) gives the INT8 model's eager greedy ids."""
+    import yanray.engine.int8_linear as int8_linear
+    from yanray.engine.int8 import quantize_folder
+
+    quantized = tmp_path / "int8"
+    quantize_folder(folder, quantized, progress=False)
+    eager, _ = await _run(quantized, "off")
+    chosen: list[str] = []
+
+    def fused(*args: Any, **kwargs: Any) -> str:
+        chosen.append("fused")
+        return "fused"
+
+    monkeypatch.setattr(int8_linear, "pick_compiled_int8", fused)
+    linears: list[Any] = []
+
+    def find_linears(engine: LocalEngine) -> None:
+        linears.extend(m for m in engine.model.modules() if isinstance(m, int8_linear.Int8Linear))
+
+    rounds, engine = await _run(quantized, "on", find_linears)
+    assert engine.compiled is not None and not engine.compiled.failed
+    assert chosen == ["fused"] and linears and {m.compiled_kernel for m in linears} == {"fused"}
+    assert rounds == eager
 
 
 def test_compile_setting_and_buckets() -> None:
