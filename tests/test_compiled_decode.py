@@ -3,7 +3,7 @@ failure that the eager path answers.
 
 On a one-layer tiny ChatGLM3 with a 256-token context (so the static cache is 256 long), in
 float32 on the CPU through inductor, which compiles C++ (gcc is on the project's machines and
-CI's); compiling the step takes ~25 s on a 2-core machine, so it is compiled once per module.
+CI's); a cold compile of the step takes ~30 s on the 2 shared cores (the file ~75 s).
 The conversation covers what the static cache must carry over: a tool round in the same session
 (the decoded tokens copied back to the session's cache, then prefilled after), and a next turn
 that takes the kept cache (warm conversations).
