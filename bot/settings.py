@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_context: int = Field(default=0, ge=0)  # 0: the model's own
     kv_cache_gb: float | None = Field(default=None, ge=0)  # kept conversations; unset/auto: what is left
+    compile: Literal["auto", "on", "off"] = "auto"  # compiled decode (engine/compiled.py); auto: on with CUDA
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_model: str = "chatglm3-6b-32k"
     openai_api_key: SecretStr | None = None

@@ -109,15 +109,22 @@ def run_round(
     device: torch.device,
     generator: torch.Generator | None,
     new_cache: Callable[[], Any],
+    open_decode: Callable[[Any, int, int], Any] | None = None,
 ) -> Generation:
-    """Prefill what is new in `state`, then generate until a stop; roll back on failure."""
+    """Prefill what is new in `state`, then generate until a stop; roll back on failure.
+
+    `open_decode(cache, length, budget)`, if given, makes this round's decode step (a callable
+    `(token, position) -> logits` with a `close()` called when the round ends normally:
+    `engine/compiled.py`); otherwise each token is `decode_one_token` on the session's cache."""
     start_tokens, start_cached = len(state.tokens), state.cached
     if len(state.tokens) >= max_context:
         raise EngineError(
             f"The conversation is {len(state.tokens)} tokens long; the model's context is {max_context}."
         )
     try:
-        return _round(model, state, fmt, options, emit, max_context, device, generator, new_cache)
+        return _round(
+            model, state, fmt, options, emit, max_context, device, generator, new_cache, open_decode
+        )
     except BaseException:
         del state.tokens[start_tokens:]
         truncate_cache(state, start_cached)
@@ -134,6 +141,7 @@ def _round(
     device: torch.device,
     generator: torch.Generator | None,
     new_cache: Callable[[], Any],
+    open_decode: Callable[[Any, int, int], Any] | None,
 ) -> Generation:
     if state.cache is None:
         state.cache = new_cache()
@@ -151,6 +159,7 @@ def _round(
         logits = prefill(model, state.cache, new, state.cached, device)
         state.cached = len(state.tokens)
         budget = min(options.max_new_tokens, max_context - len(state.tokens))
+        step = open_decode(state.cache, len(state.tokens), budget) if open_decode is not None else None
         while produced < budget:
             if cancel.is_set():
                 finish = "cancelled"
@@ -169,8 +178,13 @@ def _round(
                 emit(piece)
             if produced >= budget:
                 break
-            logits = decode_one_token(model, state.cache, token, len(state.tokens) - 1, device)
+            if step is not None:
+                logits = step(token, len(state.tokens) - 1)
+            else:
+                logits = decode_one_token(model, state.cache, token, len(state.tokens) - 1, device)
             state.cached = len(state.tokens)
+        if step is not None:
+            step.close()
     tail, call = decoder.finish(complete=finish == "stop" and visible.cut is None)
     visible.add(tail)
     piece = visible.ready(final=True)

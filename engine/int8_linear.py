@@ -18,12 +18,17 @@ Forward, where the design is silent:
   (a slice of output rows, ≤ 64 MB in 16-bit), matmul, then scale the output columns; a
   matrix larger than that (the 6B's gate_up and down, lm_head) is never dequantized whole.
 - scales are kept in the compute dtype (the kernel requires it); biases too.
+- inside a compiled decode step (`engine/compiled.py`), `compiled_kernel` "fused" is the
+  plain `F.linear(x, w.to(x.dtype)) * scale`, which inductor fuses into one kernel that reads
+  the int8 weight (gpt-fast's recipe); `pick_compiled_int8` measures it against
+  `_weight_int8pack_mm` once per engine.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -125,6 +130,63 @@ def _pack_is_faster(device: torch.device, dtype: torch.dtype, *, repeats: int = 
     return timings[0] < timings[1]
 
 
+def pick_compiled_int8(
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    eager: Kernel,
+    backend: str | Callable[..., object] = "inductor",
+) -> Literal["fused", "eager"]:
+    """ "fused" if the compiled dequant-fused matmul is faster than the eager kernel for one
+    decode row (a 4096x4096 weight), else "eager". Without the fused eager kernel the fused
+    form is taken unmeasured: the eager fallback dequantizes the whole weight per call."""
+    if eager != "int8pack":
+        return "fused"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, 4096, generator=gen).to(device=device, dtype=dtype)
+    weight = torch.randint(-QMAX, QMAX + 1, (4096, 4096), generator=gen, dtype=torch.int8).to(device)
+    scale = torch.full((4096,), 1e-3, device=device, dtype=dtype)
+    options: dict[str, str | int | bool | Callable[..., object]] | None = None
+    if backend == "inductor" and device.type == "cuda":
+        options = {"coordinate_descent_tuning": True}
+    fused = torch.compile(
+        lambda a, w, s: F.linear(a, w.to(a.dtype)) * s, backend=backend, fullgraph=True, options=options
+    )
+    packed = torch.compile(
+        lambda a, w, s: torch.ops.aten._weight_int8pack_mm(a, w, s), backend=backend, fullgraph=True
+    )
+    timings = []
+    try:
+        for fn in (fused, packed):
+            timings.append(_time_call(fn, (x, weight, scale), device))
+    except Exception as exc:  # a backend that cannot compile one of them
+        logger.warning("int8 kernel: cannot measure the compiled forms (%s); keeping the eager kernel", exc)
+        return "eager"
+    logger.info(
+        "int8 kernel, compiled, 1 row of 4096x4096: fused %.3f ms, _weight_int8pack_mm %.3f ms",
+        timings[0] * 1e3,
+        timings[1] * 1e3,
+    )
+    return "fused" if timings[0] < timings[1] else "eager"
+
+
+def _time_call(fn: Callable[..., object], args: tuple[torch.Tensor, ...], device: torch.device) -> float:
+    """Seconds per call, best of 3 batches of 10, after a warm-up."""
+    with torch.inference_mode():
+        fn(*args)
+        best = float("inf")
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(10):
+                fn(*args)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, (time.perf_counter() - start) / 10)
+    return best
+
+
 class Int8Linear(nn.Module):
     """A Linear with an int8 weight and a per-output-channel scale (weight-only INT8)."""
 
@@ -143,6 +205,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.kernel: Kernel = "dequant"
+        self.compiled_kernel: Literal["fused", "eager"] = "eager"  # the form inside a compiled step
         self.register_buffer(
             "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
         )
@@ -157,7 +220,9 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         scale = self.weight_scale if self.weight_scale.dtype == x.dtype else self.weight_scale.to(x.dtype)
-        if self.kernel == "int8pack" and x2.shape[0] <= PACK_MAX_ROWS.get(x.dtype, 0):
+        if self.compiled_kernel == "fused" and torch.compiler.is_compiling():
+            y = F.linear(x2, self.weight.to(x.dtype)) * scale
+        elif self.kernel == "int8pack" and x2.shape[0] <= PACK_MAX_ROWS.get(x.dtype, 0):
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, scale)
         else:
             y = _reference_matmul(x2, self.weight, scale)

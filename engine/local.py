@@ -32,6 +32,9 @@ its ids kept (by content, up to IDS_KEPT ids, least recently used first out): th
 request fits is then counted and assembled from those ids, and only new messages are
 encoded. A chat template frames each message by its neighbours, so there a message's cost
 is remembered and the prompt is rendered whole.
+
+With `compile` on (`YANRAY_COMPILE`; auto: with CUDA), decoding goes through
+`engine/compiled.py`'s static-shape step; a compile failure falls back to the eager step.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from yanray.engine.base import (
     ToolSpec,
 )
 from yanray.engine.chat_format import ChatFormat
+from yanray.engine.compiled import CompiledDecode, compile_enabled, static_cache_bytes
 from yanray.engine.fit import Fitter, Key, key_of
 from yanray.engine.generate import SessionState, run_round, truncate_cache
 from yanray.engine.kept import KeptCaches
@@ -87,6 +91,7 @@ class LocalEngine:
         seed: int | None = None,
         label: str = "",
         kv_budget: int = 0,
+        compile: str = "off",
     ) -> None:
         self.model = model
         self.fmt = fmt
@@ -105,6 +110,11 @@ class LocalEngine:
         self._ids_total = 0
         self._base: int | None = None
         self.fitter = Fitter(cost=self._cost, fixed=self._fixed)
+        self.compiled = (
+            CompiledDecode(model, device, max_context=max_context)
+            if compile_enabled(compile, device)
+            else None
+        )
 
     @classmethod
     def load(
@@ -117,11 +127,13 @@ class LocalEngine:
         data_dir: Path | None = None,
         seed: int | None = None,
         kv_cache_gb: float | None = None,
+        compile: str = "auto",
     ) -> LocalEngine:
         """Load `model` (blocking; call it in a thread). Raises `EngineUnavailable` with one line.
 
         `kv_cache_gb` bounds the kept conversations' caches (None: what the memory guard finds
-        left over, `engine/device.py`; 0: none kept)."""
+        left over, `engine/device.py`, less one context-sized static cache when decoding is
+        compiled; 0: none kept). `compile`: `YANRAY_COMPILE` (auto, on, off)."""
         from yanray.engine.loader import load_parts
 
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yanray-engine")
@@ -138,6 +150,9 @@ class LocalEngine:
         except BaseException:
             executor.shutdown(wait=False)
             raise
+        kv_budget = parts.kv_budget
+        if kv_cache_gb is None and compile_enabled(compile, parts.device):
+            kv_budget = max(0, kv_budget - static_cache_bytes(parts.model, parts.max_context))
         return cls(
             model=parts.model,
             fmt=parts.fmt,
@@ -146,7 +161,8 @@ class LocalEngine:
             executor=executor,
             seed=seed,
             label=parts.label,
-            kv_budget=parts.kv_budget,
+            kv_budget=kv_budget,
+            compile=compile,
         )
 
     # -- the protocol ------------------------------------------------------------------
@@ -223,6 +239,8 @@ class LocalEngine:
 
     def _release(self) -> None:
         self.kept.clear()
+        if self.compiled is not None:
+            self.compiled.drop()
         self.model = None
         self._free_memory()
 
@@ -250,6 +268,7 @@ class LocalEngine:
                 device=self.device,
                 generator=self._generator,
                 new_cache=self._new_cache,
+                open_decode=self.compiled.open if self.compiled is not None else None,
             )
         except EngineError:
             raise
@@ -259,6 +278,8 @@ class LocalEngine:
                 "The model ran out of memory on this request; try a shorter message or /reset."
             )
             dropped = self.kept.clear()
+            if self.compiled is not None:
+                self.compiled.drop()
             if dropped:
                 logger.warning("out of memory: dropped the %d kept conversation caches", dropped)
         except Exception:  # the engine's one central handler: any failure ends this request only
