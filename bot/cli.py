@@ -107,6 +107,7 @@ async def build_engine(settings: Settings) -> Engine:
         max_context=settings.max_context,
         data_dir=settings.data_dir,
         kv_cache_gb=settings.kv_cache_gb,
+        max_batch=settings.max_batch,
     )
 
 
