@@ -140,10 +140,14 @@ class RequestQueue:
 
     def position(self, job: Job) -> int:
         """`job`'s place in line: 0 when a free slot takes it now, 1 when it goes out at the
-        next free slot, n when n - 1 waiting requests go out before it."""
+        next free slot (or once its conversation's answer being written is done), n when
+        n - 1 waiting requests go out before it."""
         ahead = self.schedule().index(job)
         free = max(0, self.slots - len(self.active))
-        return max(0, ahead + 1 - free)
+        place = max(0, ahead + 1 - free)
+        if place == 0 and any(a.conversation_id == job.conversation_id for a in self.active):
+            return 1  # a free slot cannot take it: it waits for its conversation's answer
+        return place
 
     def remove(self, job: Job) -> bool:
         for index, (_t, _a, queued) in enumerate(self._jobs):

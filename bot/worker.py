@@ -430,7 +430,7 @@ class EngineWorker:
                 session=session, request_id=job.request_id, status=status, reply_text=reply, error=error
             )
         if status == "cancelled":
-            # Delivered before the next job starts: an edit's new answer reuses this message.
+            # Delivered before this conversation's next job starts: an edit's new answer reuses this message.
             # What was already written stays, marked as cut short.
             cut = f"{reply}\n\n[{error}]" if reply and reply.strip() else None
             await self._deliver(job.request_id, job.out, cut, cut is not None, error, job.language)

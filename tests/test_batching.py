@@ -269,6 +269,18 @@ async def test_positions_with_several_slots_count_the_waiting_requests_ahead() -
     assert queue.put(jobs[3], reserved=False) == 2  # one request waits ahead of it
     queue.end(jobs[0])
     assert queue.position(jobs[2]) == 0 and queue.position(jobs[3]) == 1
+    again = Job(9, 1, RecordingStream())  # conversation 1 asks again while its answer is written
+    assert queue.put(again, reserved=False) == 2  # jobs[2] takes the free slot, jobs[3] goes before it
+    queue._jobs = [e for e in queue._jobs if e[2] is not jobs[2]]
+    queue.begin(jobs[2])
+    queue.end(jobs[1])
+    assert queue.position(jobs[3]) == 0 and queue.position(again) == 1
+    queue._jobs = [e for e in queue._jobs if e[2] is not jobs[3]]
+    queue.begin(jobs[3])
+    queue.end(jobs[2])
+    queue.begin(Job(10, 1, RecordingStream()))  # its conversation busy: a free slot cannot take it
+    queue.end(jobs[3])
+    assert queue.position(again) == 1
 
 
 async def test_a_burst_does_not_hold_the_slots_another_conversation_can_use(
