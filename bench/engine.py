@@ -1,13 +1,15 @@
 """Engine benchmark: prints ratios measured in one run (not a test).
 
-    python bench/engine.py                 # (a), (c), then the INT8 figures (kv), (size)
+    python bench/engine.py                 # (a), (b), (c), then the INT8 figures (kv), (size)
     python bench/engine.py --c-shape mid   # (c) on a quarter-width 6B shape (the 6B takes minutes)
     python bench/engine.py --full          # also (quantize): a 12.5 GB ChatGLM3-6B-shaped release
 
-Parts named as in issue 9 (the one not built yet, (b) batching, is said to be missing):
+Parts named as in issue 9:
 
 (a) time to first token of a conversation's next turn after a ~4K-token history, with the
     previous turn's KV cache kept (warm) divided by without (cold) (`bench/warm_turns.py`);
+(b) aggregate decode tokens/s with 4 conversations at once divided by one at a time, and the
+    per-stream slowdown (`bench/batching.py`);
 (c) CPU decode of a ChatGLM3-6B-shaped INT8 model, in fp32, bf16 and what `YANRAY_DTYPE=auto`
     picks, as a fraction of the machine's read bandwidth measured in the same run
     (`bench/cpu_decode.py`);
@@ -254,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
     if "a" not in skip:
         bench_module("warm_turns", "(a)")
-    print("(b) not built yet: several conversations at once (issue 9, item 2)")
+    if "b" not in skip:
+        bench_module("batching", "(b)")
     if "c" not in skip:
         bench_module("cpu_decode", "(c)", shape=args.c_shape)
     if "d" not in skip:

@@ -83,7 +83,7 @@ class Core:
         self.worker.adapters[adapter.platform] = adapter
 
     async def start(self) -> None:
-        """Re-queue what the last run left unanswered and start the single worker."""
+        """Re-queue what the last run left unanswered and start the worker."""
         await self.worker.recover()
         self._task = asyncio.create_task(self.worker.run(), name="yanray-engine-worker")
 
@@ -100,16 +100,19 @@ class Core:
         and is answered again at the next start; after a graceful stop (SIGTERM, Ctrl-C) that
         start does not count against it as an attempt the process died on. `graceful=False`
         is for tests that stand in for a crash."""
-        running = self.queue.running
-        if graceful and running is not None and self._task is not None:
+        running = list(self.queue.active)
+        if graceful and running and self._task is not None:
             # written before the worker is cancelled: a transaction cut off by the cancellation
             # could still hold SQLite's write lock
             try:
                 async with self.db.transaction() as session:
-                    await crud.give_back_attempt(session=session, request_id=running.request_id)
+                    for job in running:
+                        await crud.give_back_attempt(session=session, request_id=job.request_id)
             except Exception:  # noting it is a courtesy; shutting down must go on regardless
                 logger.warning(
-                    "request %d: could not note the graceful stop", running.request_id, exc_info=True
+                    "requests %s: could not note the graceful stop",
+                    [job.request_id for job in running],
+                    exc_info=True,
                 )
         if self._task is not None:
             self._task.cancel()

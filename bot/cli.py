@@ -108,6 +108,7 @@ async def build_engine(settings: Settings) -> Engine:
         data_dir=settings.data_dir,
         kv_cache_gb=settings.kv_cache_gb,
         compile=settings.compile,
+        max_batch=settings.max_batch,
     )
 
 

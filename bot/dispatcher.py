@@ -80,8 +80,8 @@ I remember our conversation and can use a calculator while answering.
 
 
 def position_text(position: int, language: str = "en") -> str:
-    """The queue notice for place `position` in line (1: next, once the answer being written
-    is done), in `language`: the one wording of it on every platform."""
+    """The queue notice for place `position` in line (1: next, at the next free slot; see
+    `RequestQueue.position`), in `language`: the one wording of it on every platform."""
     tr = translator(language)
     if position <= 1:
         return tr.gettext("You're next.")
@@ -232,8 +232,7 @@ class Dispatcher:
 
     def is_pending(self, out: ReplyStream) -> bool:
         """Whether a request answered through `out` is waiting or being answered."""
-        running = self.queue.running
-        return (running is not None and running.out is out) or any(
+        return any(j.out is out for j in self.queue.active) or any(
             j.out is out for j in self.queue.schedule()
         )
 
@@ -496,8 +495,8 @@ class Dispatcher:
         if job is not None and self.queue.remove(job):
             await self._close_cancelled([job], reason)
             return
-        running = self.queue.running
-        if running is not None and running.request_id == request_id:
+        running = self.queue.running_job(request_id)
+        if running is not None:
             self.worker.cancel_running(running.conversation_id, reason=reason)
 
     async def _close_cancelled(self, jobs: list[Job], reason: str) -> None:

@@ -1,4 +1,4 @@
-"""The request queue: one line in front of the single engine, fair across conversations.
+"""The request queue: one line in front of the engine, fair across conversations.
 
 Round-robin by conversation, done as start-time fair queuing: each job gets a tag, the
 larger of the tag being served now and its conversation's previous tag plus one, and the
@@ -8,6 +8,12 @@ message waits at most for the engine turn already running. Bounded overall and p
 raises `QueueFull` before anything is stored, so the caller can answer "busy" and keep
 nothing half-accepted. A reservation becomes a job with `put()` once the request is
 committed to storage (the journal), or is given back with `release()`.
+
+The engine answers up to `slots` jobs at once (`YANRAY_MAX_BATCH`; the worker sets it). The
+jobs being answered are `active`; `get()` hands out the next job in fair order whose
+conversation has no answer being written (a conversation's next question needs the answer
+before it), so whenever a slot frees the next job goes out in fair order, and a burst from
+one conversation never holds a slot another conversation could use.
 """
 
 from __future__ import annotations
@@ -50,7 +56,28 @@ class RequestQueue:
         self._arrivals = itertools.count()
         self._reserved: dict[int, int] = {}
         self._ready = asyncio.Event()
-        self.running: Job | None = None
+        #: the jobs being answered, in the order they started
+        self.active: list[Job] = []
+        #: jobs answered at once, at most
+        self.slots = 1
+
+    @property
+    def running(self) -> Job | None:
+        """The oldest job being answered, or None when none is."""
+        return self.active[0] if self.active else None
+
+    def running_job(self, request_id: int) -> Job | None:
+        return next((job for job in self.active if job.request_id == request_id), None)
+
+    def begin(self, job: Job) -> None:
+        """`job` (handed out by `get()`) is being answered."""
+        self.active.append(job)
+
+    def end(self, job: Job) -> None:
+        """`job` is no longer being answered: its slot, and its conversation, are free."""
+        if job in self.active:
+            self.active.remove(job)
+        self._ready.set()
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -65,8 +92,7 @@ class RequestQueue:
                 lazy_gettext("I'm busy with many requests right now; please try again in a few minutes.")
             )
         mine = self._waiting(conversation_id) + self._reserved.get(conversation_id, 0)
-        if self.running is not None and self.running.conversation_id == conversation_id:
-            mine += 1
+        mine += sum(1 for job in self.active if job.conversation_id == conversation_id)
         if mine >= self.max_per_conversation:
             raise QueueFull(
                 lazy_ngettext(
@@ -96,22 +122,32 @@ class RequestQueue:
         return self.position(job)
 
     async def get(self) -> Job:
-        """The next job in fair order; waits while the queue is empty."""
-        while not self._jobs:
+        """The next job in fair order whose conversation has no answer being written; waits
+        while there is none."""
+        while True:
+            busy = {job.conversation_id for job in self.active}
+            for index, (tag, _arrival, job) in enumerate(self._jobs):
+                if job.conversation_id not in busy:
+                    del self._jobs[index]
+                    self._serving_tag = max(self._serving_tag, tag)
+                    return job
             self._ready.clear()
             await self._ready.wait()
-        tag, _arrival, job = self._jobs.pop(0)
-        self._serving_tag = tag
-        return job
 
     def schedule(self) -> list[Job]:
         """Every waiting job in the order it will run."""
         return [job for _t, _a, job in self._jobs]
 
     def position(self, job: Job) -> int:
-        """How many requests are ahead of `job`, the running one included (0: it runs now)."""
+        """`job`'s place in line: 0 when a free slot takes it now, 1 when it goes out at the
+        next free slot (or once its conversation's answer being written is done), n when
+        n - 1 waiting requests go out before it."""
         ahead = self.schedule().index(job)
-        return ahead + (1 if self.running is not None else 0)
+        free = max(0, self.slots - len(self.active))
+        place = max(0, ahead + 1 - free)
+        if place == 0 and any(a.conversation_id == job.conversation_id for a in self.active):
+            return 1  # a free slot cannot take it: it waits for its conversation's answer
+        return place
 
     def remove(self, job: Job) -> bool:
         for index, (_t, _a, queued) in enumerate(self._jobs):

@@ -97,6 +97,7 @@ class Settings(BaseSettings):
     max_context: int = Field(default=0, ge=0)  # 0: the model's own
     kv_cache_gb: float | None = Field(default=None, ge=0)  # kept conversations; unset/auto: what is left
     compile: Literal["auto", "on", "off"] = "auto"  # compiled decode (engine/compiled.py); auto: on with CUDA
+    max_batch: int | None = Field(default=None, ge=1, le=64)  # answered at once; unset/auto: the engine's
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_model: str = "chatglm3-6b-32k"
     openai_api_key: SecretStr | None = None
@@ -156,7 +157,7 @@ class Settings(BaseSettings):
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
 
-    @field_validator("kv_cache_gb", mode="before")
+    @field_validator("kv_cache_gb", "max_batch", mode="before")
     @classmethod
     def _auto_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value

@@ -1,12 +1,15 @@
 """The engine worker: the one consumer of the request queue.
 
-For each job it marks the stored request running (a short write transaction), reads the
-history back in read-only transactions that take no write lock, has the engine fit it to
-the token budget (`Engine.fit`: counted with the model's tokenizer, off the event loop),
-runs the tool loop on a fresh engine session while streaming the visible text to the
-adapter, then stores every round, tool result and the reply and marks the request done
-in one transaction, and only then delivers the final text (in the background, so a
-platform's rate limit does not hold up the engine) and marks it delivered.
+It answers up to `slots` jobs at once (`YANRAY_MAX_BATCH`; the local engine decodes them
+together, an OpenAI-compatible server batches them itself), each in a task of its own, taking
+the next in the queue's fair order whenever one ends. For each job it marks the stored
+request running (a short write transaction), reads the history back in read-only
+transactions that take no write lock, has the engine fit it to the token budget
+(`Engine.fit`: counted with the model's tokenizer, off the event loop), runs the tool loop on
+a fresh engine session while streaming the visible text to the adapter, then stores every
+round, tool result and the reply and marks the request done in one transaction, and only
+then delivers the final text (in the background, so a platform's rate limit does not hold
+up the engine) and marks it delivered.
 
 Exactly once: a request is answered from its stored reply if the process died after
 storing it but before delivering; a request left queued or running is generated
@@ -183,40 +186,57 @@ class EngineWorker:
         self.shown = ShownRecorder(db)
         self.idle = asyncio.Event()
         self.idle.set()
+        #: jobs answered at once: YANRAY_MAX_BATCH, else what the engine batches (1 if it does not say)
+        self.slots = settings.max_batch or max(1, int(getattr(engine, "max_batch", 1)))
+        queue.slots = self.slots
+        self._slot_freed = asyncio.Event()
         #: final answers on their way to the platforms
         self.deliveries: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        """Answer jobs forever, one at a time."""
-        while True:
-            job = await self.queue.get()
-            self.queue.running = job
-            self.idle.clear()
-            try:
-                await self.process(job)
-            except Exception:
-                # storage or an adapter failed outside generation; this worker goes on
-                logger.exception("request %d: could not be processed", job.request_id)
-                await self._give_up(job)
-            finally:
-                self.queue.running = None
-                if not len(self.queue):
-                    self.idle.set()
+        """Answer jobs forever, up to `slots` at once, each taken in the queue's fair order
+        when a slot frees. Cancelling this cancels the answers being written."""
+        answering: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                while len(self.queue.active) >= self.slots:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                job = await self.queue.get()
+                self.queue.begin(job)
+                self.idle.clear()
+                task = asyncio.create_task(self._answer(job), name=f"yanray-request-{job.request_id}")
+                answering.add(task)
+                task.add_done_callback(answering.discard)
+        finally:
+            for task in answering:
+                task.cancel()
+            if answering:
+                await asyncio.gather(*answering, return_exceptions=True)
+
+    async def _answer(self, job: Job) -> None:
+        try:
+            await self.process(job)
+        except Exception:
+            # storage or an adapter failed outside generation; this worker goes on
+            logger.exception("request %d: could not be processed", job.request_id)
+            await self._give_up(job)
+        finally:
+            self.queue.end(job)
+            self._slot_freed.set()
+            if not len(self.queue) and not self.queue.active:
+                self.idle.set()
 
     def cancel_running(
         self, conversation_id: int, *, reason: str = N_("Stopped."), asker: str | None = None
     ) -> Job | None:
         """Cancel the answer being written for this conversation (only if `asker` asked it, if
         given); `reason` is a msgid, told in the job's language."""
-        job = self.queue.running
-        if (
-            job is not None
-            and job.conversation_id == conversation_id
-            and (asker is None or job.asker == asker)
-        ):
-            job.cancel_reason = translator(job.language).gettext(reason)
-            job.cancel.set()
-            return job
+        for job in self.queue.active:
+            if job.conversation_id == conversation_id and (asker is None or job.asker == asker):
+                job.cancel_reason = translator(job.language).gettext(reason)
+                job.cancel.set()
+                return job
         return None
 
     def question_room(self, base_prompt: str) -> tuple[int, int]:
@@ -246,10 +266,7 @@ class EngineWorker:
                     "request %d waits for the %s adapter, which is not running", request.id, platform
                 )
                 continue
-            running = self.queue.running
-            if self.queue.find(request.id) is not None or (
-                running is not None and running.request_id == request.id
-            ):
+            if self.queue.find(request.id) is not None or self.queue.running_job(request.id) is not None:
                 continue  # accepted by this run while the adapters were starting
             route = dict(request.route)
             if request.shown is not None:
@@ -422,7 +439,7 @@ class EngineWorker:
                 session=session, request_id=job.request_id, status=status, reply_text=reply, error=error
             )
         if status == "cancelled":
-            # Delivered before the next job starts: an edit's new answer reuses this message.
+            # Delivered before this conversation's next job starts: an edit's new answer reuses this message.
             # What was already written stays, marked as cut short.
             cut = f"{reply}\n\n[{error}]" if reply and reply.strip() else None
             await self._deliver(job.request_id, job.out, cut, cut is not None, error, job.language)

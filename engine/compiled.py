@@ -4,7 +4,8 @@
 local engine decodes through `CompiledDecode`. Prefill stays eager and chunked
 (`engine/generate.py`); only the one-token decode step is compiled.
 
-How a round decodes (`CompiledDecode.open`, called by `run_round` after the prefill):
+How a round decodes (`CompiledDecode.open`, called by `engine/batch.py` for a round decoding
+alone, after its prefill; batched steps stay eager):
 
 - The KV cache is a transformers `StaticCache` sized in buckets (`bucket_for`: 4K, 8K, 16K,
   32K, ... up to the context), the smallest that holds the prompt plus the round's token

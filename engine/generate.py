@@ -1,4 +1,4 @@
-"""Generation steps for the local engine: prefill, one decode step, sampling, and a whole round.
+"""Generation steps for the local engine: prefill, one decode step, sampling.
 
 Everything here runs on the engine thread (see `engine/local.py`). A session's state is a
 `SessionState`: the token ids of the conversation so far and how many of them are in the
@@ -19,20 +19,19 @@ Choices where the design is silent:
 - The text handed out never runs past a cut: trailing whitespace is held back until decided
   (`engine/round_text.py`, shared with the openai backend), so the pieces always join to
   `Generation.text`.
+
+A whole round, and several rounds decoding together, are `engine/batch.py`'s.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from yanray.engine.base import ChatMessage, EngineError, FinishReason, GenerateOptions, Generation, ToolSpec
-from yanray.engine.chat_format import ChatFormat
-from yanray.engine.round_text import RoundText
+from yanray.engine.base import ChatMessage, ToolSpec
 
 PREFILL_CHUNK = 2048
 
@@ -96,102 +95,3 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator 
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
     return int(torch.multinomial(probs.to("cpu"), 1, generator=generator))
-
-
-def run_round(
-    model: Any,
-    state: SessionState,
-    fmt: ChatFormat,
-    options: GenerateOptions,
-    *,
-    emit: Callable[[str], None],
-    max_context: int,
-    device: torch.device,
-    generator: torch.Generator | None,
-    new_cache: Callable[[], Any],
-    open_decode: Callable[[Any, int, int], Any] | None = None,
-) -> Generation:
-    """Prefill what is new in `state`, then generate until a stop; roll back on failure.
-
-    `open_decode(cache, length, budget)`, if given, makes this round's decode step (a callable
-    `(token, position) -> logits` with a `close()` called when the round ends normally:
-    `engine/compiled.py`); otherwise each token is `decode_one_token` on the session's cache."""
-    start_tokens, start_cached = len(state.tokens), state.cached
-    if len(state.tokens) >= max_context:
-        raise EngineError(
-            f"The conversation is {len(state.tokens)} tokens long; the model's context is {max_context}."
-        )
-    try:
-        return _round(
-            model, state, fmt, options, emit, max_context, device, generator, new_cache, open_decode
-        )
-    except BaseException:
-        del state.tokens[start_tokens:]
-        truncate_cache(state, start_cached)
-        raise
-
-
-def _round(
-    model: Any,
-    state: SessionState,
-    fmt: ChatFormat,
-    options: GenerateOptions,
-    emit: Callable[[str], None],
-    max_context: int,
-    device: torch.device,
-    generator: torch.Generator | None,
-    new_cache: Callable[[], Any],
-    open_decode: Callable[[Any, int, int], Any] | None,
-) -> Generation:
-    if state.cache is None:
-        state.cache = new_cache()
-    if state.cached >= len(state.tokens):  # nothing new: feed the last token again for fresh logits
-        truncate_cache(state, len(state.tokens) - 1)
-    if state.cache is None:
-        state.cache = new_cache()
-    new = state.tokens[state.cached :]
-    decoder = fmt.reply_decoder(state.tokens)
-    visible = RoundText(options, strip_end=True)
-    cancel: threading.Event = options.cancel
-    finish: FinishReason = "length"
-    produced = 0
-    with torch.inference_mode():
-        logits = prefill(model, state.cache, new, state.cached, device)
-        state.cached = len(state.tokens)
-        budget = min(options.max_new_tokens, max_context - len(state.tokens))
-        step = open_decode(state.cache, len(state.tokens), budget) if open_decode is not None else None
-        while produced < budget:
-            if cancel.is_set():
-                finish = "cancelled"
-                break
-            token = sample(logits, options.temperature, generator)
-            produced += 1
-            if decoder.ends_round(token):
-                finish = "stop"
-                break
-            state.tokens.append(token)
-            if visible.add(decoder.feed(token)):
-                finish = "stop"
-                break
-            piece = visible.ready()
-            if piece:
-                emit(piece)
-            if produced >= budget:
-                break
-            if step is not None:
-                logits = step(token, len(state.tokens) - 1)
-            else:
-                logits = decode_one_token(model, state.cache, token, len(state.tokens) - 1, device)
-            state.cached = len(state.tokens)
-        if step is not None:
-            step.close()
-    tail, call = decoder.finish(complete=finish == "stop" and visible.cut is None)
-    visible.add(tail)
-    piece = visible.ready(final=True)
-    if piece:
-        emit(piece)
-    if call is not None:
-        finish = "tool_call"
-    return Generation(
-        text=visible.text, finish=finish, tool_call=call, prompt_tokens=len(new), new_tokens=produced
-    )

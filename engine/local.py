@@ -18,6 +18,15 @@ token, and is also set when the awaiting task is cancelled. A failing round (out
 included) rolls its session back, frees cached GPU memory, and raises `EngineError` with one
 line for the user; the engine and the session keep working.
 
+Several conversations at once (`max_batch`, `YANRAY_MAX_BATCH`): the engine thread runs a
+pump. Between decode steps it runs the queued work (a session's append or close, a new
+round), prefills the rounds waiting to join while the batch has room, and then decodes one
+token for every round in the batch in one forward pass (`engine/batch.py`). A round that
+ends leaves at once with its result; the others go on. Running out of memory while a round
+joins fails that round only; in a batched step it fails the round that joined last (the
+batch shrinks) and the others go on. `join_fault`, called just before a round joins, lets a
+test inject such a failure.
+
 A session keeps its KV cache: `append` only encodes the message, and the next round
 prefills just those tokens; `Generation.prompt_tokens` is the number prefilled. When a
 session closes its cache is kept (`engine/kept.py`, within `kv_budget` bytes), and a later
@@ -43,10 +52,11 @@ import asyncio
 import gc
 import logging
 import random
+import threading
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,10 +71,11 @@ from yanray.engine.base import (
     TextCallback,
     ToolSpec,
 )
+from yanray.engine.batch import DecodeBatch, Stream, plain_cache
 from yanray.engine.chat_format import ChatFormat
-from yanray.engine.compiled import CompiledDecode, compile_enabled, static_cache_bytes
+from yanray.engine.compiled import CompiledDecode, DecodeStep, compile_enabled, static_cache_bytes
 from yanray.engine.fit import Fitter, Key, key_of
-from yanray.engine.generate import SessionState, run_round, truncate_cache
+from yanray.engine.generate import SessionState, truncate_cache
 from yanray.engine.kept import KeptCaches
 
 logger = logging.getLogger(__name__)
@@ -73,6 +84,8 @@ T = TypeVar("T")
 
 #: message ids kept for assembling prompts (4 bytes each: 8 MiB)
 IDS_KEPT = 1 << 21
+#: conversations decoded together when YANRAY_MAX_BATCH is unset
+DEFAULT_MAX_BATCH = {"cuda": 8, "cpu": 4}
 
 
 class LocalEngine:
@@ -92,6 +105,7 @@ class LocalEngine:
         label: str = "",
         kv_budget: int = 0,
         compile: str = "off",
+        max_batch: int | None = None,
     ) -> None:
         self.model = model
         self.fmt = fmt
@@ -115,6 +129,20 @@ class LocalEngine:
             if compile_enabled(compile, device)
             else None
         )
+        batch = max_batch if max_batch is not None else DEFAULT_MAX_BATCH.get(device.type, 4)
+        if batch > 1 and model is not None and not plain_cache(self._new_cache()):
+            logger.info("this model's cache cannot be batched; one conversation decodes at a time")
+            batch = 1
+        #: conversations generating together, at most
+        self.max_batch = max(1, batch)
+        #: called on the engine thread just before a prefilled round joins the batch (tests
+        #: inject an out-of-memory there)
+        self.join_fault: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+        self._tasks: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = deque()
+        self._pumping = False
+        self._joining: deque[Stream] = deque()
+        self._batch = DecodeBatch(self._new_cache, self._open_decode)
 
     @classmethod
     def load(
@@ -128,12 +156,14 @@ class LocalEngine:
         seed: int | None = None,
         kv_cache_gb: float | None = None,
         compile: str = "auto",
+        max_batch: int | None = None,
     ) -> LocalEngine:
         """Load `model` (blocking; call it in a thread). Raises `EngineUnavailable` with one line.
 
         `kv_cache_gb` bounds the kept conversations' caches (None: what the memory guard finds
         left over, `engine/device.py`, less one context-sized static cache when decoding is
-        compiled; 0: none kept). `compile`: `YANRAY_COMPILE` (auto, on, off)."""
+        compiled; 0: none kept). `compile`: `YANRAY_COMPILE` (auto, on, off). `max_batch` bounds
+        the conversations generating together (None: 8 on a GPU, 4 on the CPU)."""
         from yanray.engine.loader import load_parts
 
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yanray-engine")
@@ -163,6 +193,7 @@ class LocalEngine:
             label=parts.label,
             kv_budget=kv_budget,
             compile=compile,
+            max_batch=max_batch,
         )
 
     # -- the protocol ------------------------------------------------------------------
@@ -234,10 +265,109 @@ class LocalEngine:
             raise EngineUnavailable("The local model has been shut down.")
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        """Run `fn(*args)` on the engine thread, between two decode steps."""
+        future: Future[T] = Future()
+        with self._lock:
+            self._tasks.append((fn, args, future))
+            start, self._pumping = not self._pumping, True
+        if start:
+            self._executor.submit(self._pump)
+        return await asyncio.wrap_future(future)
+
+    def _pump(self) -> None:
+        """The engine thread's loop: queued work, then joins, then one decode step; until idle."""
+        while True:
+            with self._lock:
+                tasks = list(self._tasks)
+                self._tasks.clear()
+                if not tasks and not self._batch and not self._joining:
+                    self._pumping = False
+                    return
+            for fn, args, future in tasks:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as exc:  # handed to the awaiting caller
+                        future.set_exception(exc)
+            try:
+                self._admit()
+                self._step()
+            except BaseException as exc:  # a bug here must not leave the rounds waiting forever
+                logger.error("the engine's step loop failed; the rounds in it fail", exc_info=exc)
+                for stream in [*self._batch.streams, *self._joining]:
+                    del stream.state.tokens[stream.start_tokens :]  # the next round prefills it all
+                    stream.state.cache, stream.state.cached = None, 0
+                    self._resolve(
+                        stream, failure=EngineError("The model failed on this request; please try again.")
+                    )
+                self._batch = DecodeBatch(self._new_cache, self._open_decode)
+                self._joining.clear()
+
+    def _submit(
+        self, state: SessionState, options: GenerateOptions, emit: Callable[[str], None]
+    ) -> Future[Generation]:
+        stream = Stream(state, self.fmt, options, emit)
+        self._joining.append(stream)
+        return stream.result
+
+    def _admit(self) -> None:
+        """Prefill the rounds waiting to join, while the batch has room."""
+        while self._joining and len(self._batch) < self.max_batch:
+            stream = self._joining.popleft()
+            try:
+                if self.model is None:
+                    raise EngineUnavailable("The local model has been shut down.")
+                state = stream.state
+                if state.cache is None and state.cached == 0:
+                    self._warm(state)
+                stream.begin(
+                    self.model, max_context=self.max_context, device=self.device, new_cache=self._new_cache
+                )
+                if not stream.advance(self._generator):
+                    self._complete(stream)
+                    continue
+                if self.join_fault is not None:
+                    self.join_fault()
+                self._batch.join(stream)
+            except BaseException as exc:
+                self._fail(stream, exc)
+
+    def _step(self) -> None:
+        """One token for every round in the batch; rounds that end leave it."""
+        if not self._batch:
+            return
+        try:
+            self._batch.decode(self.model, self.device)
+        except BaseException as exc:
+            # out of memory: the round that joined last fails and the batch shrinks; anything
+            # else cannot be pinned on one round, so every round in the step fails
+            victims = list(self._batch.streams)
+            if isinstance(exc, torch.OutOfMemoryError):
+                victims = victims[-1:]
+            for stream in victims:
+                self._batch.leave(stream)
+                self._fail(stream, exc)
+            for stream in self._batch.streams:
+                stream.logits = None  # not fed this step: fed again at the next one
+            return
+        for stream in list(self._batch.streams):
+            try:
+                if stream.advance(self._generator):
+                    continue
+            except BaseException as exc:  # e.g. its stop_at failed: this round only
+                self._batch.leave(stream)
+                self._fail(stream, exc)
+                continue
+            self._batch.leave(stream)
+            self._complete(stream)
 
     def _release(self) -> None:
+        gone = EngineUnavailable("The local model has been shut down.")
+        for stream in [*self._batch.streams, *self._joining]:
+            if stream in self._batch.streams:
+                self._batch.leave(stream)
+            self._fail(stream, gone)
+        self._joining.clear()
         self.kept.clear()
         if self.compiled is not None:
             self.compiled.drop()
@@ -249,31 +379,45 @@ class LocalEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _generate(
-        self, state: SessionState, options: GenerateOptions, emit: Callable[[str], None]
-    ) -> Generation:
-        if self.model is None:
-            raise EngineUnavailable("The local model has been shut down.")
-        failure: EngineError
+    def _complete(self, stream: Stream) -> None:
         try:
-            if state.cache is None and state.cached == 0:
-                self._warm(state)
-            generation = run_round(
-                self.model,
-                state,
-                self.fmt,
-                options,
-                emit=emit,
-                max_context=self.max_context,
-                device=self.device,
-                generator=self._generator,
-                new_cache=self._new_cache,
-                open_decode=self.compiled.open if self.compiled is not None else None,
+            generation = stream.generation()
+        except BaseException as exc:
+            self._fail(stream, exc)
+            return
+        call = generation.tool_call
+        stream.state.transcript.append(
+            ChatMessage("assistant", generation.text, name=call.name if call else "")
+        )
+        self._resolve(stream, generation)
+
+    @staticmethod
+    def _resolve(
+        stream: Stream, generation: Generation | None = None, failure: BaseException | None = None
+    ) -> None:
+        if stream.result.done():  # its caller stopped waiting (the awaiting task was cancelled)
+            return
+        if generation is not None:
+            stream.result.set_result(generation)
+        else:
+            stream.result.set_exception(failure or EngineError("The model failed on this request."))
+
+    def _fail(self, stream: Stream, exc: BaseException) -> None:
+        """End a round that failed: roll its session back, tell its caller one line."""
+        try:
+            stream.rollback()
+        except Exception:
+            logger.exception("rolling back a failed round failed; the session starts over")
+            stream.state.cache, stream.state.cached = None, 0
+        failure: BaseException
+        if isinstance(exc, EngineError):
+            failure = exc
+        elif isinstance(exc, torch.OutOfMemoryError):
+            logger.error(
+                "out of memory while generating (%d tokens in the session)",
+                len(stream.state.tokens),
+                exc_info=exc,
             )
-        except EngineError:
-            raise
-        except torch.OutOfMemoryError:
-            logger.exception("out of memory while generating (%d tokens in the session)", len(state.tokens))
             failure = EngineError(
                 "The model ran out of memory on this request; try a shorter message or /reset."
             )
@@ -282,16 +426,16 @@ class LocalEngine:
                 self.compiled.drop()
             if dropped:
                 logger.warning("out of memory: dropped the %d kept conversation caches", dropped)
-        except Exception:  # the engine's one central handler: any failure ends this request only
-            logger.exception("generation failed")
+        elif isinstance(
+            exc, Exception
+        ):  # the engine's one central handler: any failure ends this request only
+            logger.error("generation failed", exc_info=exc)
             failure = EngineError("The model failed on this request (the log has details); please try again.")
         else:
-            call = generation.tool_call
-            state.transcript.append(ChatMessage("assistant", generation.text, name=call.name if call else ""))
-            return generation
-        # outside the except blocks, so the traceback (and the tensors its frames hold) is gone
+            failure = exc
+        del exc
         self._free_memory()
-        raise failure
+        self._resolve(stream, failure=failure)
 
     def _warm(self, state: SessionState) -> None:
         """Start from the kept cache sharing the longest prefix with this prompt, if any."""
@@ -299,6 +443,10 @@ class LocalEngine:
         if found is not None:
             state.cache, state.cached = found
             logger.debug("warm start: %d of %d prompt tokens cached", state.cached, len(state.tokens))
+
+    def _open_decode(self, cache: Any, length: int, budget: int) -> DecodeStep | None:
+        """The compiled decode step for a round decoding alone (None: the eager step)."""
+        return self.compiled.open(cache, length, budget) if self.compiled is not None else None
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -345,7 +493,8 @@ class LocalSession:
                 loop.call_soon_threadsafe(on_text, piece)
 
         try:
-            return await self.engine._run(self.engine._generate, self.state, options, emit)
+            result = await self.engine._run(self.engine._submit, self.state, options, emit)
+            return await asyncio.wrap_future(result)
         except asyncio.CancelledError:
             options.cancel.set()  # the thread stops at the next token
             raise

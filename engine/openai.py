@@ -110,6 +110,9 @@ def _content_of(message: ChatMessage) -> str:
 class OpenAIEngine:
     name = "openai"
     native_tools = False
+    #: requests the worker sends at once when YANRAY_MAX_BATCH is unset: the server batches them
+    #: (vLLM, SGLang) or queues them (a one-slot llama.cpp), so a few in flight cost nothing here
+    max_batch = 4
 
     def __init__(
         self,

@@ -89,6 +89,9 @@ async def test_an_undelivered_answer_replaces_its_notice(
         fake.group_text(GROUP, USERS[0], "@yanray_bot first")
         fake.group_text(GROUP, USERS[1], "@yanray_bot second")
         await fake.wait_for(lambda: any(t.startswith("⏳") for t in fake.messages(GROUP)))
+        # the first answer shows (the worker answers in a task of its own, so its first text
+        # can come after the second question's notice)
+        await fake.wait_for(lambda: any(t.startswith("Answer to: first") for t in fake.messages(GROUP)))
         # Telegram fails every write from now on: the answers stay stored, undelivered
         for method in ("sendMessage", "editMessageText"):
             fake.fail(method, "server", times=10_000, chat_id=GROUP)
