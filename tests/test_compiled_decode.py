@@ -167,3 +167,58 @@ def test_compile_setting_and_buckets() -> None:
         4096, 4096, 8192, 16384, 32768, 32768,
     ]  # fmt: skip
     assert bucket_for(300, 256) == 256  # never past the context
+
+
+async def _one_round(engine: LocalEngine, question: str, tokens: int, started: Any = None) -> list[int]:
+    session = await engine.start([SYSTEM, ChatMessage("user", question)])
+    before = session.tokens
+
+    def on_text(_piece: str) -> None:
+        if started is not None:
+            started.set()
+
+    await session.generate(GenerateOptions(max_new_tokens=tokens, temperature=0), on_text)
+    ids = session.state.tokens[before:]
+    await session.close()
+    return ids
+
+
+async def test_a_round_decoding_alone_hands_its_compiled_tokens_over_when_another_joins(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiled decode and batching together: the leader decodes alone through the compiled step,
+    a second conversation joins (the step's tokens go back to the leader's cache, the batched
+    steps run eagerly), and each reply is the one it writes alone, eagerly."""
+    import asyncio
+
+    questions, tokens = ["What is 6 times 7?", "Tell me a story about a lighthouse"], (40, 8)
+    solo = LocalEngine.load(
+        folder, device="cpu", dtype="float32", seed=1, kv_cache_gb=0, compile="off", max_batch=1
+    )
+    try:
+        alone = [await _one_round(solo, q, n) for q, n in zip(questions, tokens, strict=True)]
+    finally:
+        await solo.aclose()
+    compiled_steps = 0
+    run = CompiledDecode.run
+
+    def counted(self: CompiledDecode, token: int, position: int) -> torch.Tensor:
+        nonlocal compiled_steps
+        compiled_steps += 1
+        return run(self, token, position)
+
+    monkeypatch.setattr(CompiledDecode, "run", counted)
+    engine = LocalEngine.load(
+        folder, device="cpu", dtype="float32", seed=1, kv_cache_gb=0, compile="on", max_batch=2
+    )
+    try:
+        started = asyncio.Event()
+        leader = asyncio.ensure_future(_one_round(engine, questions[0], tokens[0], started))
+        await started.wait()
+        joined = await _one_round(engine, questions[1], tokens[1])
+        together = [await leader, joined]
+    finally:
+        await engine.aclose()
+    assert together == alone
+    assert len(alone[0]) == tokens[0]  # the leader wrote on after the other left: alone again
+    assert compiled_steps > 0 and engine.compiled is not None and not engine.compiled.failed
