@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     # -- tools and the request queue ----------------------------------------------------
     tools: CommaList = Field(default_factory=lambda: ["calculate"])
     tool_rounds: int = Field(default=4, ge=0, le=16)
+    searxng_url: str = ""  # the `search` tool's SearxNG; empty: no search tool
+    timezone: str = "UTC"  # the `time` tool's zone when the model names none (IANA name)
     request_timeout: float = Field(default=300.0, gt=0)
     queue_max: int = Field(default=200, ge=1)
     queue_per_conversation: int = Field(default=5, ge=1)
@@ -167,6 +169,24 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str, info: ValidationInfo) -> str:
         if value or info.field_name != "telegram_webhook_url":  # the webhook URL may be empty
             _check_url(value, ("http", "https"))
+        return value
+
+    @field_validator("searxng_url")
+    @classmethod
+    def _searxng_url(cls, value: str) -> str:
+        if value:
+            _check_url(value, ("http", "https"))
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from yanray.bot.tools.clock import ZoneError, zone
+
+        try:
+            zone(value)
+        except ZoneError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("discord_gateway_url")

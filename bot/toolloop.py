@@ -75,16 +75,20 @@ class SlashCalls:
     before optional trailing spaces, as once written here, is quadratic in a run of spaces).
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], *, bare: Sequence[str] = ()) -> None:
         alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+        #: tools whose command alone (`/time`) is a call, with an empty argument
+        self._bare = frozenset(bare)
         # possessive, and on one line at a time: the argument's trailing blanks are stripped after
-        self._line = re.compile(rf"^[ \t]*+/({alternatives})[ \t]++(\S[^\n]*+)")
+        self._line = re.compile(rf"^[ \t]*+/({alternatives})(?:[ \t]++(\S[^\n]*+))?+[ \t]*+")
 
     def parse(self, line: str) -> tuple[str, str] | None:
         """(tool name, argument) if `line` (without its newline) is a call line."""
         match = self._line.match(line)
         if match is None or match.end() != len(line):
             return None
+        if match.group(2) is None:
+            return (match.group(1), "") if match.group(1) in self._bare else None
         return match.group(1), match.group(2).strip()
 
     def strip(self, text: str) -> str:
@@ -165,7 +169,8 @@ class ToolLoop:
     def __init__(self, *, tools: Mapping[str, Tool], max_rounds: int) -> None:
         self.tools = tools
         self.max_rounds = max_rounds
-        self._calls = SlashCalls(list(tools)) if tools else None
+        bare = [name for name, tool in tools.items() if tool.argument_optional]
+        self._calls = SlashCalls(list(tools), bare=bare) if tools else None
 
     async def run(
         self,
@@ -265,7 +270,7 @@ class ToolLoop:
         if found is None:
             return None
         tool = self.tools[found[0]]
-        return tool.name, {tool.slash_argument: found[1]}, None
+        return tool.name, ({tool.slash_argument: found[1]} if found[1] else {}), None
 
     async def _run_tool(self, name: str, arguments: Mapping[str, Any], cancel: threading.Event) -> str:
         tool = self.tools.get(name)

@@ -104,6 +104,8 @@ async def test_chat_with_an_unreachable_engine_says_so_in_one_line(tmp_path: Pat
         ("YANRAY_ENGINE", "gpt", "YANRAY_ENGINE='gpt'"),
         ("YANRAY_MAX_NEW_TOKENS", "0", "greater than or equal to 1"),
         ("YANRAY_TOOLS", "calculate,shell", "unknown tool 'shell'"),
+        ("YANRAY_TIMEZONE", "Mars/Olympus", "unknown time zone 'Mars/Olympus'"),
+        ("YANRAY_SEARXNG_URL", "searxng:8080", "YANRAY_SEARXNG_URL='searxng:8080'"),
     ],
 )
 async def test_a_bad_setting_stops_start_up_with_one_line(tmp_path, name, value, expected) -> None:

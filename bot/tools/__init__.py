@@ -10,14 +10,20 @@ output, never on text a user typed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yanray.engine.base import ToolSpec
 
+if TYPE_CHECKING:
+    from yanray.bot.settings import Settings
+
+logger = logging.getLogger(__name__)
+
 #: every tool Yanray has, by the name `YANRAY_TOOLS` uses
-TOOL_NAMES = frozenset({"calculate"})
+TOOL_NAMES = frozenset({"calculate", "search", "time"})
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[str]]
 
@@ -31,6 +37,8 @@ class Tool:
     timeout: float = 10.0
     #: longest argument accepted; a longer call is refused before the tool parses anything
     max_argument_chars: int = 2000
+    #: the slash dialect also accepts the command alone (`/time`): the handler gets no argument
+    argument_optional: bool = False
     #: releases what the tool holds (the calculator's worker process); called at shut-down
     close: Callable[[], None] | None = None
 
@@ -39,11 +47,26 @@ class Tool:
         return self.spec.name
 
 
-def build_tools(names: list[str]) -> dict[str, Tool]:
-    """The enabled tools, by name, in the order given."""
+def build_tools(names: list[str], settings: Settings | None = None) -> dict[str, Tool]:
+    """The enabled tools, by name, in the order given; `settings` configures those that need it
+    (without it: their defaults). A tool that cannot work as configured is left out, with a log line."""
     if not names:
         return {}
     from yanray.bot.tools.calculator import calculator_tool
+    from yanray.bot.tools.clock import time_tool
+    from yanray.bot.tools.search import search_tool
 
-    factories: dict[str, Callable[[], Tool]] = {"calculate": calculator_tool}
-    return {name: factories[name]() for name in names}
+    searxng_url = settings.searxng_url if settings is not None else ""
+    timezone = settings.timezone if settings is not None else "UTC"
+    factories: dict[str, Callable[[], Tool]] = {
+        "calculate": calculator_tool,
+        "search": lambda: search_tool(searxng_url),
+        "time": lambda: time_tool(timezone),
+    }
+    tools: dict[str, Tool] = {}
+    for name in names:
+        if name == "search" and not searxng_url:
+            logger.info("the search tool is enabled but YANRAY_SEARXNG_URL is not set: it is left out")
+            continue
+        tools[name] = factories[name]()
+    return tools
