@@ -13,7 +13,7 @@ from tests.test_toolloop import NativeSession
 from yanray.adapters.console import ConsoleAdapter
 from yanray.bot.errors import ConfigError
 from yanray.bot.settings import load_settings
-from yanray.bot.toolloop import ToolLoop
+from yanray.bot.toolloop import SlashCalls, ToolLoop
 from yanray.bot.tools.clock import time_tool
 from yanray.engine.base import ChatMessage, GenerateOptions, Generation, ToolCall
 
@@ -127,3 +127,20 @@ async def test_time_through_the_tool_loop_and_the_console(make_settings, core_fa
         (before + shift).replace(tzinfo=None, microsecond=0) <= stamp <= (after + shift).replace(tzinfo=None)
     )
     assert observation.content.endswith("in Asia/Kathmandu, +0545, UTC+05:45")
+
+
+@pytest.mark.parametrize(
+    ("line", "call"),
+    [
+        ("/time", ("time", "")),
+        ("  /time \t ", ("time", "")),
+        ("/time Asia/Tokyo  ", ("time", "Asia/Tokyo")),
+        ("/calculate", None),  # only a tool whose argument is optional may be called bare
+        ("/calculate   ", None),
+        ("/calculate 1+1", ("calculate", "1+1")),
+        ("/timezone", None),
+        ("/time/x", None),
+    ],
+)
+def test_a_bare_call_only_for_a_tool_that_takes_one(line: str, call: tuple[str, str] | None) -> None:
+    assert SlashCalls(["calculate", "time"], bare=["time"]).parse(line) == call

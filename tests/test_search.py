@@ -11,10 +11,11 @@ import pytest
 from tests.fakes.searxng_server import FakeSearxng
 from tests.scripted_engine import ScriptedEngine
 from yanray.adapters.console import ConsoleAdapter
+from yanray.bot.errors import ToolError
 from yanray.bot.settings import Settings
 from yanray.bot.toolloop import ToolLoop
 from yanray.bot.tools import build_tools
-from yanray.bot.tools.search import BUDGET_CHARS, MAX_RESPONSE_BYTES, search_tool
+from yanray.bot.tools.search import BUDGET_CHARS, MAX_RESPONSE_BYTES, Searcher, search_tool
 from yanray.engine.base import ChatMessage, GenerateOptions
 
 RESULTS = {
@@ -105,6 +106,15 @@ async def test_an_unreachable_searxng_is_one_line(caplog) -> None:
     caplog.set_level(logging.WARNING)
     assert await run("http://127.0.0.1:9", "q") == "Error: the search service could not be reached"
     assert "SearxNG at http://127.0.0.1:9/search failed" in caplog.text
+
+
+async def test_a_searxng_that_never_answers_is_one_line() -> None:
+    async with FakeSearxng(hang=True) as fake:
+        searcher = Searcher(fake.base_url, timeout=0.5)
+        with pytest.raises(ToolError) as caught:
+            await searcher.search("q")
+    assert str(caught.value) == "the search service did not answer in time"
+    assert fake.queries == [{"q": "q", "format": "json"}]
 
 
 def test_not_built_without_a_searxng_url(tmp_path, caplog) -> None:

@@ -144,7 +144,7 @@ def search_tool(base_url: str, *, results: int = RESULTS) -> Tool:
 
     spec = ToolSpec(
         name="search",
-        description=f"Web search; gives the top {results} results (title, URL, snippet), e.g. /search weather in Paris.",
+        description=f"Web search: the top {results} results as title, URL and snippet, e.g. /search weather in Paris.",
         parameters={
             "type": "object",
             "properties": {"query": {"type": "string", "description": "what to search for"}},

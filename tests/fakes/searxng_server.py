@@ -6,6 +6,7 @@ answers with what the test set: a JSON payload, raw bytes, or an HTTP status.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -13,7 +14,10 @@ from aiohttp import web
 
 
 class FakeSearxng:
-    def __init__(self, payload: Any = None, *, body: bytes | None = None, status: int = 200) -> None:
+    def __init__(
+        self, payload: Any = None, *, body: bytes | None = None, status: int = 200, hang: bool = False
+    ) -> None:
+        self.hang = hang  # never answers (until the client gives up)
         self.payload = payload if payload is not None else {"results": []}
         self.body = body  # sent as is instead of the payload's JSON
         self.status = status
@@ -40,6 +44,8 @@ class FakeSearxng:
     async def _search(self, request: web.Request) -> web.StreamResponse:
         self.queries.append(dict(request.query))
         self.headers.append(dict(request.headers))
+        if self.hang:
+            await asyncio.Event().wait()
         if self.status != 200:
             return web.Response(status=self.status, text="Forbidden")
         body = self.body if self.body is not None else json.dumps(self.payload).encode()
