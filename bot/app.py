@@ -40,7 +40,11 @@ class Core:
             max_total=settings.queue_max, max_per_conversation=settings.queue_per_conversation
         )
         self.worker = EngineWorker(
-            settings=settings, db=db, engine=engine, queue=self.queue, tools=build_tools(settings.tools)
+            settings=settings,
+            db=db,
+            engine=engine,
+            queue=self.queue,
+            tools=build_tools(settings.tools, settings),
         )
         self.dispatcher = Dispatcher(settings=settings, db=db, queue=self.queue, worker=self.worker)
         self._task: asyncio.Task[None] | None = None

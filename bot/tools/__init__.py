@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yanray.engine.base import ToolSpec
 
+if TYPE_CHECKING:
+    from yanray.bot.settings import Settings
+
 #: every tool Yanray has, by the name `YANRAY_TOOLS` uses
-TOOL_NAMES = frozenset({"calculate"})
+TOOL_NAMES = frozenset({"calculate", "fetch"})
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[str]]
 
@@ -39,11 +42,16 @@ class Tool:
         return self.spec.name
 
 
-def build_tools(names: list[str]) -> dict[str, Tool]:
-    """The enabled tools, by name, in the order given."""
+def build_tools(names: list[str], settings: Settings | None = None) -> dict[str, Tool]:
+    """The enabled tools, by name, in the order given, configured from `settings`
+    (each tool's defaults when None)."""
     if not names:
         return {}
     from yanray.bot.tools.calculator import calculator_tool
+    from yanray.bot.tools.fetch import fetch_config, fetch_tool
 
-    factories: dict[str, Callable[[], Tool]] = {"calculate": calculator_tool}
+    factories: dict[str, Callable[[], Tool]] = {
+        "calculate": calculator_tool,
+        "fetch": lambda: fetch_tool(fetch_config(settings)),
+    }
     return {name: factories[name]() for name in names}
