@@ -12,14 +12,16 @@ import gzip
 import io
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from tests.scripted_engine import ScriptedEngine
 from yanray.adapters.console import ConsoleAdapter
-from yanray.bot.errors import ToolError
+from yanray.bot.errors import ConfigError, ToolError
+from yanray.bot.settings import load_settings
 from yanray.bot.tools.addresses import AddressRules
-from yanray.bot.tools.fetch import FetchConfig, fetch_page
+from yanray.bot.tools.fetch import FetchConfig, _socket_guard, fetch_page
 
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head>
@@ -245,3 +247,26 @@ async def test_a_refused_fetch_in_the_tool_loop_is_a_one_line_observation(
     assert output.getvalue() == "I cannot read that page.\n\n"
     observation = engine.prompts[1][-1]
     assert observation.content == "Error: fetch refused: 169.254.169.254 is a cloud metadata address"
+
+
+async def test_aiohttp_opens_every_socket_through_the_guard_even_for_an_ip_literal(server: Server) -> None:
+    # aiohttp does not ask the resolver for an IP literal: the socket guard is what stops it
+    connector = aiohttp.TCPConnector(socket_factory=_socket_guard(AddressRules()))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        with pytest.raises(aiohttp.ClientConnectorError, match="127.0.0.1 is a loopback address"):
+            await session.get(server.url("/page"))
+    assert not server.slow_started.is_set()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("YANRAY_FETCH_ALLOW", "127.0.0.1,not-a-net", "'not-a-net' is not an address or network"),
+        ("YANRAY_FETCH_PORTS", "80,70000", "70000 is not a list of ports"),
+    ],
+)
+def test_a_bad_fetch_setting_is_one_line(monkeypatch, name: str, value: str, expected: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert expected in str(caught.value) and "\n" not in str(caught.value)

@@ -24,6 +24,7 @@ The observation is cut to `max_chars` and says so. A refused or failed fetch rai
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
@@ -82,10 +83,12 @@ class _CheckingResolver(AbstractResolver):
             if why is None:
                 allowed.append(result)
             else:
-                reasons.append(f"{result['host']} is {why}")
+                reasons.append(f"{result['host']}, {why}")
         if not allowed:
             logger.info("fetch: %s refused: %s", host, "; ".join(reasons))
-            raise OSError(f"{host} resolves to {reasons[0] if reasons else 'no address'}")
+            raise PermissionError(
+                errno.EACCES, f"{host} resolves to {reasons[0] if reasons else 'no address'}"
+            )
         return allowed
 
     async def close(self) -> None:
@@ -100,7 +103,7 @@ def _socket_guard(rules: AddressRules) -> Any:
         why = rules.refusal(ipaddress.ip_address(address[0]))
         if why is not None:
             logger.info("fetch: connection to %s refused: %s", address[0], why)
-            raise OSError(f"{address[0]} is {why}")
+            raise PermissionError(errno.EACCES, f"{address[0]} is {why}")
         sock = socket.socket(family=family, type=type_, proto=proto)
         sock.setblocking(False)
         return sock
@@ -142,7 +145,9 @@ async def fetch_page(url: str, config: FetchConfig) -> str:
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise ToolError(f"fetch failed: {url} did not answer in time") from None
         except aiohttp.ClientConnectorError as exc:
-            raise ToolError(f"fetch failed: {_one_line(str(exc.os_error) or str(exc))}") from None
+            if isinstance(exc.os_error, PermissionError):  # the resolver or the socket guard
+                raise ToolError(f"fetch refused: {_one_line(exc.strerror or str(exc))}") from None
+            raise ToolError(f"fetch failed: {_one_line(exc.strerror or str(exc))}") from None
         except (aiohttp.ClientError, OSError, UnicodeError, ValueError) as exc:
             logger.info("fetch of %s failed: %r", url, exc)
             raise ToolError(f"fetch failed: {_one_line(str(exc)) or type(exc).__name__}") from None
