@@ -62,6 +62,7 @@ class Server:
             web.get("/bomb", self.bomb),
             web.get("/hop/{n}", self.hop),
             web.get("/to", self.to),
+            web.get("/gbk", self.gbk),
         ]
         self.app.add_routes(routes)
 
@@ -70,6 +71,13 @@ class Server:
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(text=PAGE, content_type="text/html")
+
+    async def gbk(self, request: web.Request) -> web.Response:
+        html = "<html><head><meta charset='gbk'><title>月球</title></head><body><article><h1>月球</h1>"
+        html += (
+            "<p>" + "月球是地球唯一的天然卫星，平均距离约三十八万公里。" * 4 + "</p></article></body></html>"
+        )
+        return web.Response(body=html.encode("gbk"), headers={"Content-Type": "text/html"})
 
     async def json(self, request: web.Request) -> web.Response:
         return web.json_response({"answer": 42})
@@ -141,6 +149,11 @@ async def test_a_page_gives_its_title_headings_and_paragraphs_without_scripts(se
     assert text.index("Formation") < text.index("giant") < text.index("Tides") < text.index("3.8 cm")
     for dropped in ("SECRET", "<p>", "<h1>", "tracking", "{"):
         assert dropped not in text
+
+
+async def test_a_page_without_a_charset_header_is_read_in_its_own_charset(server: Server) -> None:
+    text = await fetch_page(server.url("/gbk"), allowed(server))
+    assert text.startswith("Title: 月球\n") and "地球唯一的天然卫星" in text
 
 
 async def test_with_the_default_rules_the_same_url_is_refused(server: Server) -> None:

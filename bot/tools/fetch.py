@@ -128,8 +128,12 @@ async def fetch_page(url: str, config: FetchConfig) -> str:
         use_dns_cache=False,
         limit=4,
     )
+    # connect: name resolution and connecting together; sock_read: the longest silence
     timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+        total=None,
+        connect=config.connect_timeout,
+        sock_connect=config.connect_timeout,
+        sock_read=config.read_timeout,
     )
     async with aiohttp.ClientSession(
         connector=connector,
@@ -173,9 +177,11 @@ async def _fetch(session: aiohttp.ClientSession, url: str, config: FetchConfig) 
                     f"fetch refused: the content type is {_one_line(kind, 80)}, not text, HTML, JSON or XML"
                 )
             body, cut = await _read_capped(response, config.max_bytes)
-            charset = response.charset or "utf-8"
+            if kind in _HTML_TYPES and response.charset is None:
+                # no charset in the header: trafilatura reads the page's own <meta charset>
+                return await _observation(url, kind, body, cut, config)
             try:
-                text = body.decode(charset, errors="replace")
+                text = body.decode(response.charset or "utf-8", errors="replace")
             except LookupError:  # an unknown charset name
                 text = body.decode("utf-8", errors="replace")
             return await _observation(url, kind, text, cut, config)
@@ -195,12 +201,14 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> tuple[by
     return b"".join(parts), False
 
 
-async def _observation(url: str, kind: str, text: str, cut: bool, config: FetchConfig) -> str:
+async def _observation(url: str, kind: str, page: str | bytes, cut: bool, config: FetchConfig) -> str:
     title = ""
     if kind in _HTML_TYPES:
-        title, text = await asyncio.to_thread(extract_html, text, url)
+        title, text = await asyncio.to_thread(extract_html, page, url)
         if not text:
             raise ToolError(f"fetch found no readable text at {url}")
+    else:
+        text = page if isinstance(page, str) else page.decode("utf-8", errors="replace")
     lines = [f"Title: {_one_line(title)}"] if title else []
     lines.append(f"URL: {url}")
     head = "\n".join(lines) + "\n\n"
@@ -213,7 +221,7 @@ async def _observation(url: str, kind: str, text: str, cut: bool, config: FetchC
     return head + body
 
 
-def extract_html(html: str, url: str) -> tuple[str, str]:
+def extract_html(html: str | bytes, url: str) -> tuple[str, str]:
     """(title, main text) of an HTML page, with trafilatura; runs in a worker thread."""
     import trafilatura  # a slow import, paid on the first fetch only
 
