@@ -17,11 +17,14 @@ import pytest
 from aiohttp import web
 
 from tests.scripted_engine import ScriptedEngine
+from tests.test_toolloop import NativeSession
 from yanray.adapters.console import ConsoleAdapter
 from yanray.bot.errors import ConfigError, ToolError
 from yanray.bot.settings import load_settings
+from yanray.bot.toolloop import ToolLoop
 from yanray.bot.tools.addresses import AddressRules
-from yanray.bot.tools.fetch import FetchConfig, _socket_guard, fetch_page
+from yanray.bot.tools.fetch import FetchConfig, _socket_guard, fetch_page, fetch_tool
+from yanray.engine.base import GenerateOptions, Generation, ToolCall
 
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head>
@@ -283,3 +286,20 @@ def test_a_bad_fetch_setting_is_one_line(monkeypatch, name: str, value: str, exp
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+async def test_a_native_chatglm3_fetch_call_gets_the_page(server: Server) -> None:
+    url = server.url("/page")
+    session = NativeSession(
+        [
+            Generation("", "tool_call", ToolCall("fetch", {"url": url}, stored=f'tool_call(url="{url}")')),
+            Generation("It formed 4.5 billion years ago.", "stop"),
+        ]
+    )
+    tool = fetch_tool(allowed(server))
+    assert tool.spec.parameters["required"] == ["url"] and "/fetch https://" in tool.spec.description
+    result = await ToolLoop(tools={"fetch": tool}, max_rounds=2).run(session, options=GenerateOptions)  # type: ignore[arg-type]
+    [observation] = session.appended
+    assert observation.role == "observation" and observation.name == "fetch"
+    assert observation.content.startswith("Title: The Moon\n") and "Theia" in observation.content
+    assert result.visible == "It formed 4.5 billion years ago."
