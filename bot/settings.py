@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     tool_rounds: int = Field(default=4, ge=0, le=16)
     searxng_url: str = ""  # the `search` tool's SearxNG; empty: no search tool
     timezone: str = "UTC"  # the `time` tool's zone when the model names none (IANA name)
+    fetch_ports: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [80, 443])
+    fetch_allow: CommaList = Field(default_factory=list)  # tests only: networks fetch may reach anyway
     request_timeout: float = Field(default=300.0, gt=0)
     queue_max: int = Field(default=200, ge=1)
     queue_per_conversation: int = Field(default=5, ge=1)
@@ -148,6 +150,8 @@ class Settings(BaseSettings):
 
     @field_validator(
         "tools",
+        "fetch_ports",
+        "fetch_allow",
         "allowed_users",
         "admins",
         "discord_allowed_guilds",
@@ -212,6 +216,30 @@ class Settings(BaseSettings):
         unknown = [name for name in value if name not in TOOL_NAMES]
         if unknown:
             raise ValueError(f"unknown tool {unknown[0]!r}; known: {', '.join(sorted(TOOL_NAMES))}")
+        return value
+
+    @field_validator("fetch_ports")
+    @classmethod
+    def _ports(cls, value: list[int]) -> list[int]:
+        bad = [port for port in value if not 1 <= port <= 65535]
+        if bad or not value:
+            raise ValueError(
+                f"{bad[0] if bad else 'an empty list'} is not a list of ports 1-65535, e.g. 80,443"
+            )
+        return value
+
+    @field_validator("fetch_allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an address or network, e.g. 127.0.0.1 or 10.0.0.0/8"
+                ) from None
         return value
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: every tool Yanray has, by the name `YANRAY_TOOLS` uses
-TOOL_NAMES = frozenset({"calculate", "search", "time"})
+TOOL_NAMES = frozenset({"calculate", "fetch", "search", "time"})
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[str]]
 
@@ -54,12 +54,14 @@ def build_tools(names: list[str], settings: Settings | None = None) -> dict[str,
         return {}
     from yanray.bot.tools.calculator import calculator_tool
     from yanray.bot.tools.clock import time_tool
+    from yanray.bot.tools.fetch import fetch_config, fetch_tool
     from yanray.bot.tools.search import search_tool
 
     searxng_url = settings.searxng_url if settings is not None else ""
     timezone = settings.timezone if settings is not None else "UTC"
     factories: dict[str, Callable[[], Tool]] = {
         "calculate": calculator_tool,
+        "fetch": lambda: fetch_tool(fetch_config(settings)),
         "search": lambda: search_tool(searxng_url),
         "time": lambda: time_tool(timezone),
     }

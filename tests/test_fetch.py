@@ -1,0 +1,305 @@
+"""The fetch tool against a local aiohttp server: reached only through the test allowance.
+
+The server listens on 127.0.0.1, which the tool refuses by default; each test grants
+itself `YANRAY_FETCH_ALLOW=127.0.0.1` and the server's port, and one test checks that the
+same URL is refused without them. No test reaches the internet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.scripted_engine import ScriptedEngine
+from tests.test_toolloop import NativeSession
+from yanray.adapters.console import ConsoleAdapter
+from yanray.bot.errors import ConfigError, ToolError
+from yanray.bot.settings import load_settings
+from yanray.bot.toolloop import ToolLoop
+from yanray.bot.tools.addresses import AddressRules
+from yanray.bot.tools.fetch import FetchConfig, _socket_guard, fetch_page, fetch_tool
+from yanray.engine.base import GenerateOptions, Generation, ToolCall
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head>
+<meta charset="utf-8"><title>The Moon - Notes</title>
+<style>body { color: SECRETSTYLE; }</style>
+<script>var tracking = "SECRETSCRIPT";</script>
+</head><body>
+<nav><a href="/">Home</a> | <a href="/about">About</a> | <a href="/login">Log in</a></nav>
+<article>
+<h1>The Moon</h1>
+<p>The Moon is Earth's only natural satellite. It orbits at an average distance of
+384,400 km, about 30 times the diameter of Earth.</p>
+<h2>Formation</h2>
+<p>The Moon formed about 4.5 billion years ago, most likely from the debris of a giant
+impact between Earth and a Mars-sized body called Theia.</p>
+<script>document.write("SECRETINLINE");</script>
+<h2>Tides</h2>
+<p>The gravitational pull of the Moon causes the ocean tides on Earth, which slowly
+lengthen the day and push the Moon further away, by about 3.8 cm each year.</p>
+</article>
+<footer>Copyright 2026 Example Notes. All rights reserved.</footer>
+</body></html>
+"""
+
+
+class Server:
+    def __init__(self) -> None:
+        self.app = web.Application()
+        self.release = asyncio.Event()  # the slow handler waits for it
+        self.slow_started = asyncio.Event()
+        self.port = 0
+        routes = [
+            web.get("/page", self.page),
+            web.get("/json", self.json),
+            web.get("/big", self.big),
+            web.get("/slow", self.slow),
+            web.get("/binary", self.binary),
+            web.get("/bomb", self.bomb),
+            web.get("/hop/{n}", self.hop),
+            web.get("/to", self.to),
+            web.get("/gbk", self.gbk),
+        ]
+        self.app.add_routes(routes)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(text=PAGE, content_type="text/html")
+
+    async def gbk(self, request: web.Request) -> web.Response:
+        html = "<html><head><meta charset='gbk'><title>月球</title></head><body><article><h1>月球</h1>"
+        html += (
+            "<p>" + "月球是地球唯一的天然卫星，平均距离约三十八万公里。" * 4 + "</p></article></body></html>"
+        )
+        return web.Response(body=html.encode("gbk"), headers={"Content-Type": "text/html"})
+
+    async def json(self, request: web.Request) -> web.Response:
+        return web.json_response({"answer": 42})
+
+    async def big(self, request: web.Request) -> web.Response:
+        return web.Response(text="x" * (3 * 2**20), content_type="text/plain")
+
+    async def slow(self, request: web.Request) -> web.StreamResponse:
+        self.slow_started.set()
+        await self.release.wait()
+        return web.Response(text="late", content_type="text/plain")
+
+    async def binary(self, request: web.Request) -> web.Response:
+        return web.Response(body=b"\x7fELF" + bytes(100), content_type="application/octet-stream")
+
+    async def bomb(self, request: web.Request) -> web.Response:
+        body = gzip.compress(b"A" * (64 * 2**20), compresslevel=9)
+        assert len(body) < 100_000  # small on the wire, 64 MB inflated
+        return web.Response(
+            body=body, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"}
+        )
+
+    async def hop(self, request: web.Request) -> web.Response:
+        n = int(request.match_info["n"])
+        target = "/page" if n == 0 else f"/hop/{n - 1}"
+        raise web.HTTPFound(target)
+
+    async def to(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["url"])
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    srv = Server()
+    runner = web.AppRunner(srv.app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    srv.port = runner.addresses[0][1]
+    yield srv
+    srv.release.set()
+    await runner.cleanup()
+
+
+def allowed(server: Server, **kwargs: float | int) -> FetchConfig:
+    """The test-only allowance: 127.0.0.1 and the server's port."""
+    return FetchConfig(rules=AddressRules.from_settings([server.port], ["127.0.0.1"]), **kwargs)  # type: ignore[arg-type]
+
+
+async def refused(url: str, config: FetchConfig) -> str:
+    with pytest.raises(ToolError) as caught:
+        await fetch_page(url, config)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+async def test_a_page_gives_its_title_headings_and_paragraphs_without_scripts(server: Server) -> None:
+    text = await fetch_page(server.url("/page"), allowed(server))
+    assert text.startswith(f"Title: The Moon\nURL: {server.url('/page')}\n\n")
+    for kept in (
+        "The Moon",
+        "Formation",
+        "Tides",
+        "Earth's only natural satellite",
+        "about 3.8 cm each year",
+    ):
+        assert kept in text
+    assert text.index("Formation") < text.index("giant") < text.index("Tides") < text.index("3.8 cm")
+    for dropped in ("SECRET", "<p>", "<h1>", "tracking", "{"):
+        assert dropped not in text
+
+
+async def test_a_page_without_a_charset_header_is_read_in_its_own_charset(server: Server) -> None:
+    text = await fetch_page(server.url("/gbk"), allowed(server))
+    assert text.startswith("Title: 月球\n") and "地球唯一的天然卫星" in text
+
+
+async def test_with_the_default_rules_the_same_url_is_refused(server: Server) -> None:
+    url = server.url("/page")
+    assert f"port {server.port} is not allowed" in await refused(url, FetchConfig())
+    ports_only = FetchConfig(rules=AddressRules(ports=frozenset({server.port})))
+    assert await refused(url, ports_only) == "fetch refused: 127.0.0.1 is a loopback address"
+
+
+async def test_json_passes_through(server: Server) -> None:
+    text = await fetch_page(server.url("/json"), allowed(server))
+    assert text == f"URL: {server.url('/json')}\n\n" + '{"answer": 42}'
+
+
+async def test_a_long_body_is_cut_at_the_size_cap_and_the_observation_at_its_budget(server: Server) -> None:
+    text = await fetch_page(server.url("/big"), allowed(server, max_bytes=100_000, max_chars=2000))
+    assert len(text) < 2100
+    assert text.endswith("more characters not shown]")
+    shown, _, note = text.partition("\n\n")[2].rpartition("\n")
+    more = int(note.removeprefix("[cut: ").split()[0].replace(",", ""))
+    assert shown == "x" * len(shown) and len(shown) + more == 100_000  # read up to the cap, no further
+
+
+async def test_a_gzip_bomb_is_cut_at_the_decompressed_cap(server: Server) -> None:
+    config = allowed(server, max_bytes=1_000_000, max_chars=10**7)
+    text = await fetch_page(server.url("/bomb"), config)
+    body = text.split("\n\n", 1)[1]
+    assert body.startswith("A" * 1000)
+    assert body.count("A") == 1_000_000
+    assert body.endswith("[cut: the page is longer than 1,000,000 bytes; only the start was read]")
+
+
+async def test_a_slow_server_times_out(server: Server) -> None:
+    config = allowed(server, read_timeout=0.3)
+    message = await refused(server.url("/slow"), config)
+    assert server.slow_started.is_set()
+    assert message == f"fetch failed: {server.url('/slow')} did not answer in time"
+
+
+async def test_a_binary_content_type_is_refused(server: Server) -> None:
+    message = await refused(server.url("/binary"), allowed(server))
+    assert (
+        message == "fetch refused: the content type is application/octet-stream, not text, HTML, JSON or XML"
+    )
+
+
+async def test_redirects_are_followed_up_to_five(server: Server) -> None:
+    text = await fetch_page(server.url("/hop/4"), allowed(server))  # 5 redirects
+    assert text.startswith(f"Title: The Moon\nURL: {server.url('/page')}\n")
+    assert await refused(server.url("/hop/5"), allowed(server)) == "fetch failed: more than 5 redirects"
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("http://127.0.0.2:{port}/page", "127.0.0.2 is a loopback address"),
+        ("http://[::1]:{port}/page", "::1 is a loopback address"),
+        ("http://localhost:{port}/page", "localhost is this machine"),
+        ("http://169.254.169.254/latest/meta-data/", "port 80 is not allowed"),
+        ("file:///etc/passwd", "only http and https"),
+    ],
+)
+async def test_a_redirect_to_a_refused_address_is_refused(server: Server, target: str, why: str) -> None:
+    url = server.url("/to?url=" + target.format(port=server.port))
+    message = await refused(url, allowed(server))
+    assert message.startswith("fetch refused: ") and why in message
+
+
+async def test_fetch_in_the_tool_loop_through_the_console(
+    make_settings, core_factory, server: Server
+) -> None:
+    url = server.url("/page")
+    engine = ScriptedEngine(
+        [f"Let me read it.\n/fetch {url}\n", "The page says the Moon formed 4.5 billion years ago."]
+    )
+    settings = make_settings(tools=["fetch"], fetch_allow=["127.0.0.1"], fetch_ports=[server.port])
+    core = await core_factory(settings, engine)
+    output = io.StringIO()
+    console = ConsoleAdapter(
+        dispatcher=core.dispatcher, stdin=io.StringIO("How old is the Moon?\n"), stdout=output
+    )
+    await console.converse()
+    assert output.getvalue() == "Let me read it.\nThe page says the Moon formed 4.5 billion years ago.\n\n"
+    system = engine.prompts[0][0]
+    assert (
+        system.role == "system" and "/fetch <url>" in system.content and "/fetch https://" in system.content
+    )
+    observation = engine.prompts[1][-1]
+    assert observation.role == "observation" and observation.name == "fetch"
+    assert observation.content.startswith("Title: The Moon\n") and "Theia" in observation.content
+    assert "SECRET" not in observation.content
+
+
+async def test_a_refused_fetch_in_the_tool_loop_is_a_one_line_observation(
+    make_settings, core_factory
+) -> None:
+    engine = ScriptedEngine(["/fetch http://169.254.169.254/latest/meta-data/\n", "I cannot read that page."])
+    core = await core_factory(make_settings(tools=["fetch"]), engine)
+    output = io.StringIO()
+    console = ConsoleAdapter(
+        dispatcher=core.dispatcher, stdin=io.StringIO("read the metadata\n"), stdout=output
+    )
+    await console.converse()
+    assert output.getvalue() == "I cannot read that page.\n\n"
+    observation = engine.prompts[1][-1]
+    assert observation.content == "Error: fetch refused: 169.254.169.254 is a cloud metadata address"
+
+
+async def test_aiohttp_opens_every_socket_through_the_guard_even_for_an_ip_literal(server: Server) -> None:
+    # aiohttp does not ask the resolver for an IP literal: the socket guard is what stops it
+    connector = aiohttp.TCPConnector(socket_factory=_socket_guard(AddressRules()))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        with pytest.raises(aiohttp.ClientConnectorError, match="127.0.0.1 is a loopback address"):
+            await session.get(server.url("/page"))
+    assert not server.slow_started.is_set()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("YANRAY_FETCH_ALLOW", "127.0.0.1,not-a-net", "'not-a-net' is not an address or network"),
+        ("YANRAY_FETCH_PORTS", "80,70000", "70000 is not a list of ports"),
+    ],
+)
+def test_a_bad_fetch_setting_is_one_line(monkeypatch, name: str, value: str, expected: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+async def test_a_native_chatglm3_fetch_call_gets_the_page(server: Server) -> None:
+    url = server.url("/page")
+    session = NativeSession(
+        [
+            Generation("", "tool_call", ToolCall("fetch", {"url": url}, stored=f'tool_call(url="{url}")')),
+            Generation("It formed 4.5 billion years ago.", "stop"),
+        ]
+    )
+    tool = fetch_tool(allowed(server))
+    assert tool.spec.parameters["required"] == ["url"] and "/fetch https://" in tool.spec.description
+    result = await ToolLoop(tools={"fetch": tool}, max_rounds=2).run(session, options=GenerateOptions)  # type: ignore[arg-type]
+    [observation] = session.appended
+    assert observation.role == "observation" and observation.name == "fetch"
+    assert observation.content.startswith("Title: The Moon\n") and "Theia" in observation.content
+    assert result.visible == "It formed 4.5 billion years ago."
