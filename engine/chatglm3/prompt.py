@@ -28,12 +28,11 @@ from yanray.engine.base import ChatMessage, ToolCall, ToolSpec
 from yanray.engine.chat_format import AnswerText, ReplyDecoder
 from yanray.engine.chatglm3.tokenizer import (
     ASSISTANT,
-    GMASK,
-    SOP,
     STOP_IDS,
     SYSTEM,
     ChatGLM3Tokenizer,
     Utf8Stream,
+    frame,
     with_tools,
 )
 from yanray.engine.chatglm3.tools import ToolCallError, is_tool_name, parse_tool_call
@@ -120,11 +119,7 @@ class ChatGLM3Format:
 
     def join(self, blocks: Sequence[Sequence[int]]) -> list[int]:
         """`encode_prompt`'s frame: the prefix, the blocks, the generation prompt."""
-        ids = [GMASK, SOP]
-        for block in blocks:
-            ids += block
-        ids.append(ASSISTANT)
-        return ids
+        return frame(blocks)
 
     def continuation(
         self,

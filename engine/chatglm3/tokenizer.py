@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,15 @@ class Utf8Stream:
         return self._decoder.decode(b"", final=True)
 
 
+def frame(blocks: Iterable[Sequence[int]]) -> list[int]:
+    """A prompt around its message blocks: the prefix, the blocks, the generation prompt."""
+    ids = [GMASK, SOP]
+    for block in blocks:
+        ids += block
+    ids.append(ASSISTANT)
+    return ids
+
+
 class ChatGLM3Tokenizer:
     """The ChatGLM3 tokenizer: sentencepiece plus the nine ids the Python tokenizer adds."""
 
@@ -111,11 +120,7 @@ class ChatGLM3Tokenizer:
 
     def encode_prompt(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
         """The whole prompt: prefix, one block per message, and the generation prompt."""
-        ids = [GMASK, SOP]
-        for message in with_tools(messages, tools):
-            ids += self.message_block(message)
-        ids.append(ASSISTANT)
-        return ids
+        return frame(self.message_block(message) for message in with_tools(messages, tools))
 
     def encode_append(self, message: ChatMessage) -> list[int]:
         """What follows a finished round for `message` (usually an observation), ready to generate."""
