@@ -47,6 +47,17 @@ class Tool:
         return self.spec.name
 
 
+def one_string(argument: str, description: str, *, required: bool = True) -> dict[str, Any]:
+    """The JSON schema of a tool's parameters when it takes one string argument."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {argument: {"type": "string", "description": description}},
+    }
+    if required:
+        schema["required"] = [argument]
+    return schema
+
+
 def build_tools(names: list[str], settings: Settings | None = None) -> dict[str, Tool]:
     """The enabled tools, by name, in the order given; `settings` configures those that need it
     (without it: their defaults). A tool that cannot work as configured is left out, with a log line."""

@@ -47,7 +47,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from yanray.bot.errors import ToolError
-from yanray.bot.tools import Tool
+from yanray.bot.tools import Tool, one_string
 from yanray.bot.tools.calc_rules import MAX_TEXT, CalcError, one_line, validate
 from yanray.engine.base import ToolSpec
 
@@ -261,13 +261,7 @@ def calculator_tool(calculator: Calculator | None = None) -> Tool:
             "simplify, expand, factor, N. Symbols x y z t n k a b c m; constants pi, E, I, oo. "
             "Equations as Eq(a, b), e.g. solve(Eq(x**2, 4), x)."
         ),
-        parameters={
-            "type": "object",
-            "properties": {
-                "expression": {"type": "string", "description": "e.g. integrate(x**2, (x, 0, 1))"}
-            },
-            "required": ["expression"],
-        },
+        parameters=one_string("expression", "e.g. integrate(x**2, (x, 0, 1))"),
         usage="/calculate <expression>",
     )
     owned = calc.close if calculator is None else None

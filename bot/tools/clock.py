@@ -21,7 +21,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from yanray.bot.errors import ToolError
-from yanray.bot.tools import Tool
+from yanray.bot.tools import Tool, one_string
 from yanray.engine.base import ToolSpec
 
 logger = logging.getLogger(__name__)
@@ -74,10 +74,7 @@ def time_tool(default_zone: str = "UTC", *, now: Callable[[], datetime] | None =
             f"The current date and time, in {default_zone} or the IANA time zone given, "
             "e.g. /time Asia/Tokyo."
         ),
-        parameters={
-            "type": "object",
-            "properties": {"timezone": {"type": "string", "description": "IANA zone, e.g. Europe/Berlin"}},
-        },
+        parameters=one_string("timezone", "IANA zone, e.g. Europe/Berlin", required=False),
         usage="/time [timezone]",
     )
     return Tool(

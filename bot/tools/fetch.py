@@ -37,7 +37,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from yanray.bot.errors import ToolError
-from yanray.bot.tools import Tool
+from yanray.bot.tools import Tool, one_string
 from yanray.bot.tools.addresses import AddressRefused, AddressRules, check_url
 from yanray.engine.base import ToolSpec
 
@@ -258,13 +258,7 @@ def fetch_tool(config: FetchConfig | None = None) -> Tool:
             "Reads a public web page and gives its title and main text. "
             "e.g. /fetch https://en.wikipedia.org/wiki/Moon"
         ),
-        parameters={
-            "type": "object",
-            "properties": {
-                "url": {"type": "string", "description": "e.g. https://en.wikipedia.org/wiki/Moon"}
-            },
-            "required": ["url"],
-        },
+        parameters=one_string("url", "e.g. https://en.wikipedia.org/wiki/Moon"),
         usage="/fetch <url>",
     )
     timeout = settings.connect_timeout + settings.read_timeout * 2 + 10.0

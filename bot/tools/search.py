@@ -25,7 +25,7 @@ import aiohttp
 from yarl import URL
 
 from yanray.bot.errors import ToolError
-from yanray.bot.tools import Tool
+from yanray.bot.tools import Tool, one_string
 from yanray.engine.base import ToolSpec
 
 logger = logging.getLogger(__name__)
@@ -145,11 +145,7 @@ def search_tool(base_url: str, *, results: int = RESULTS) -> Tool:
     spec = ToolSpec(
         name="search",
         description=f"Web search: the top {results} results as title, URL and snippet, e.g. /search weather in Paris.",
-        parameters={
-            "type": "object",
-            "properties": {"query": {"type": "string", "description": "what to search for"}},
-            "required": ["query"],
-        },
+        parameters=one_string("query", "what to search for"),
         usage="/search <query>",
     )
     return Tool(
