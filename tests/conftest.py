@@ -100,3 +100,13 @@ async def core_factory() -> AsyncIterator[Callable[..., Any]]:
     yield open_core
     for core in opened:
         await core.aclose()
+
+
+@pytest.fixture(scope="session")
+def random_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ChatGLM3 folder with random weights, where attention over the whole conversation
+    decides every token (so a wrong cache, mask or position changes the reply)."""
+    from tests.model_fixtures import chatglm3_config, random_chatglm3_state, write_chatglm3_folder
+
+    cfg = chatglm3_config()
+    return write_chatglm3_folder(tmp_path_factory.mktemp("random"), random_chatglm3_state(cfg, seed=11), cfg)

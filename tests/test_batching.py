@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 
-from tests.model_fixtures import chatglm3_config, random_chatglm3_state, write_chatglm3_folder
 from tests.recording import RecordingStream
 from tests.scripted_engine import ScriptedEngine
 from tests.test_core import msg
@@ -50,12 +49,6 @@ class Rows:
 
     def close(self) -> None:
         self._handle.remove()
-
-
-@pytest.fixture(scope="module")
-def random_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = chatglm3_config()
-    return write_chatglm3_folder(tmp_path_factory.mktemp("random"), random_chatglm3_state(cfg, seed=11), cfg)
 
 
 def _load(folder: Path, max_batch: int) -> Iterator[LocalEngine]:

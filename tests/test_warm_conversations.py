@@ -15,12 +15,9 @@ import pytest
 import torch
 
 from tests.model_fixtures import (
-    chatglm3_config,
     fixtures_dir,
-    random_chatglm3_state,
     steer_chain,
     steered_chatglm3,
-    write_chatglm3_folder,
 )
 from yanray.engine.base import ChatMessage, GenerateOptions, ToolSpec
 from yanray.engine.chatglm3.tokenizer import EOS, ChatGLM3Tokenizer
@@ -50,12 +47,6 @@ class FedTokens:
 
     def close(self) -> None:
         self._handle.remove()
-
-
-@pytest.fixture(scope="module")
-def random_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = chatglm3_config()
-    return write_chatglm3_folder(tmp_path_factory.mktemp("random"), random_chatglm3_state(cfg, seed=11), cfg)
 
 
 @pytest.fixture(scope="module")
