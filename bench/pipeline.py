@@ -84,6 +84,9 @@ class TimedEngine:
     def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
         return 2 + sum(4 + len(m.content) // 4 for m in messages)
 
+    async def count(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
+        return await asyncio.to_thread(self.count_tokens, list(messages), tools)
+
     async def fit(
         self, system: ChatMessage, history: Sequence[ChatMessage], tools: Sequence[ToolSpec], budget: int
     ) -> list[ChatMessage]:

@@ -423,7 +423,7 @@ class Dispatcher:
             return
         new = None if arg.lower() == "default" else arg
         if new is not None:
-            fixed, room = self.worker.question_room(new)
+            fixed, room = await self.worker.measure_room(new)
             if room < MIN_QUESTION_TOKENS:
                 await out.send(
                     tr.gettext(

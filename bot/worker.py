@@ -241,11 +241,24 @@ class EngineWorker:
 
     def question_room(self, base_prompt: str) -> tuple[int, int]:
         """(tokens the instructions take, tokens left for the history and the question)
-        with `base_prompt` as the system prompt and the reply's tokens reserved."""
+        with `base_prompt` as the system prompt and the reply's tokens reserved. Blocking:
+        for start-up; a request uses `measure_room`."""
+        system, specs = self._instructions(base_prompt)
+        return self._room(self.engine.count_tokens([system], specs))
+
+    async def measure_room(self, base_prompt: str) -> tuple[int, int]:
+        """`question_room`, counted off the event loop (new instructions are people's text)."""
+        system, specs = self._instructions(base_prompt)
+        return self._room(await self.engine.count([system], specs))
+
+    def _instructions(self, base_prompt: str) -> tuple[ChatMessage, list[ToolSpec]]:
         tools = list(self.tools.values()) if self.settings.tool_rounds > 0 else []
         specs = [t.spec for t in tools] if self.engine.native_tools else []
-        system = ChatMessage("system", system_prompt(base_prompt, tools, native=self.engine.native_tools))
-        fixed = self.engine.count_tokens([system], specs)
+        return ChatMessage(
+            "system", system_prompt(base_prompt, tools, native=self.engine.native_tools)
+        ), specs
+
+    def _room(self, fixed: int) -> tuple[int, int]:
         return fixed, self.engine.max_context - self.settings.max_new_tokens - fixed
 
     def track(self, request_id: int, out: ReplyStream) -> None:

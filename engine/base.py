@@ -146,6 +146,10 @@ class Engine(Protocol):
         (blocking: at start-up and in tests; the request path uses `fit`)."""
         ...
 
+    async def count(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
+        """`count_tokens`, off the event loop: what the request path (`/system`) uses."""
+        ...
+
     async def fit(
         self, system: ChatMessage, history: Sequence[ChatMessage], tools: Sequence[ToolSpec], budget: int
     ) -> list[ChatMessage]:

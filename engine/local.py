@@ -201,6 +201,10 @@ class LocalEngine:
     def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
         return len(self.fmt.prompt_ids(messages, tools if self.native_tools else ()))
 
+    async def count(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
+        self._check_open()
+        return await self._tokenize(self.count_tokens, list(messages), tuple(tools))
+
     async def fit(
         self, system: ChatMessage, history: Sequence[ChatMessage], tools: Sequence[ToolSpec], budget: int
     ) -> list[ChatMessage]:

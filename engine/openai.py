@@ -46,9 +46,9 @@ import base64
 import json
 import logging
 import math
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -73,6 +73,7 @@ from yanray.engine.openai_stream import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BYTES_PER_TOKEN = 3
 TOKENS_PER_MESSAGE = 4
@@ -152,15 +153,20 @@ class OpenAIEngine:
     def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
         return estimate_tokens(messages)
 
+    async def count(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
+        return await self._estimate(self.count_tokens, list(messages))
+
     async def fit(
         self, system: ChatMessage, history: Sequence[ChatMessage], tools: Sequence[ToolSpec], budget: int
     ) -> list[ChatMessage]:
+        return await self._estimate(self.fitter.fit, system, list(history), (), budget)
+
+    async def _estimate(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run an estimate on this engine's own thread: it grows with people's text."""
         if self._estimating is None:
             self._estimating = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yanray-estimate")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._estimating, self.fitter.fit, system, list(history), (), budget
-        )
+        return await loop.run_in_executor(self._estimating, fn, *args)
 
     async def start(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> OpenAISession:
         return OpenAISession(self, messages)

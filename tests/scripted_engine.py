@@ -116,6 +116,9 @@ class ScriptedEngine:
         """One token per word plus four per message: simple and predictable in tests."""
         return 2 + sum(4 + len(m.content.split()) for m in messages)
 
+    async def count(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
+        return await asyncio.to_thread(self.count_tokens, list(messages), tools)
+
     async def fit(
         self, system: ChatMessage, history: Sequence[ChatMessage], tools: Sequence[ToolSpec], budget: int
     ) -> list[ChatMessage]:

@@ -19,8 +19,9 @@ import pytest
 from sqlalchemy import event
 
 from tests.model_fixtures import fixtures_dir, steer_chain, steered_chatglm3
+from tests.recording import RecordingStream
 from tests.scripted_engine import ScriptedEngine
-from tests.test_core import ask
+from tests.test_core import ask, msg
 from yanray.engine.base import ChatMessage, PromptTooLong, ToolSpec
 from yanray.engine.chatglm3.tokenizer import EOS, ChatGLM3Tokenizer
 from yanray.engine.local import LocalEngine
@@ -86,6 +87,22 @@ async def test_the_request_path_tokenizes_off_the_loop_and_each_message_once(
     assert questions[0] in encoded[0] and any("calculate" in text for text in encoded[0])
     assert encoded[1] == {"\n", ANSWER, questions[1]}
     assert encoded[2] == {"\n", questions[2]}
+
+
+async def test_new_instructions_are_counted_off_the_loop(
+    engine: tuple[LocalEngine, RecordingTokenizer], make_settings: Any, core_factory: Any
+) -> None:
+    local, tokenizer = engine
+    core = await core_factory(make_settings(tools=["calculate"], max_new_tokens=16), local)
+    loop_thread = threading.current_thread()
+    instructions = "You are a terse pirate. " * 150  # 3,600 characters: within the /system limit
+    tokenizer.calls.clear()
+    out = RecordingStream("/system")
+    await core.dispatcher.handle(msg(f"/system {instructions.strip()}"), out)
+    said = await out.wait()
+    counted = [thread for text, thread in tokenizer.calls if "terse pirate" in text]
+    assert counted and loop_thread not in counted  # the new instructions were measured, on a thread
+    assert said is not None and ("Instructions set" in said or "too long for my context" in said)
 
 
 async def test_a_prompt_assembled_from_kept_ids_is_the_prompt_encoded_whole(
