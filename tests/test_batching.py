@@ -15,13 +15,17 @@ from typing import Any
 
 import pytest
 import torch
+from sqlalchemy import select
 
+from tests.model_fixtures import fixtures_dir, steer_chain, steered_chatglm3
 from tests.recording import RecordingStream
 from tests.scripted_engine import ScriptedEngine
 from tests.test_core import msg
 from yanray.bot.queue import Job, RequestQueue
 from yanray.engine.base import ChatMessage, EngineError, GenerateOptions
+from yanray.engine.chatglm3.tokenizer import EOS, ChatGLM3Tokenizer
 from yanray.engine.local import LocalEngine
+from yanray.storage.models import Message
 
 pytestmark = pytest.mark.asyncio
 
@@ -244,6 +248,47 @@ async def test_four_conversations_through_the_worker(
     assert stopped is not None and stopped.endswith("\n\n[Stopped.]")
     assert alone[1] is not None and alone[1].startswith(stopped.removesuffix("\n\n[Stopped.]"))
     assert len(stopped) < len(alone[1])
+
+
+@pytest.fixture(scope="module")
+def calling_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ChatGLM3 that answers every round with a calculator call (the steered model's
+    next token depends on the last token only, so each round writes the same line)."""
+    tok = ChatGLM3Tokenizer(fixtures_dir() / "tokenizer.model")
+    ids = tok.encode_text("Let me check.\n/calculate (6*7)") + [EOS]
+    return steered_chatglm3(tmp_path_factory.mktemp("calling"), steer_chain(ids))
+
+
+async def test_four_conversations_with_tool_rounds_through_the_worker(
+    make_settings, core_factory, calling_folder: Path
+) -> None:
+    """Each conversation's tool rounds stay its own while four decode together, one /stopped."""
+    settings = make_settings(tools=["calculate"], tool_rounds=2, max_new_tokens=40, max_batch=1)
+    solo = next(_load(calling_folder, 1))
+    core = await core_factory(settings, solo)
+    alone = []
+    for user, question in zip(["a1", "a2", "a3", "a4"], QUESTIONS, strict=True):
+        out = RecordingStream(user)
+        await core.dispatcher.handle(msg(question, user=user), out)
+        alone.append(await out.wait(60))
+    await core.aclose()
+    assert all(answer is not None and answer.startswith("Let me check.\nLet me check.") for answer in alone)
+
+    batched = next(_load(calling_folder, 4))
+    core = await core_factory(make_settings(tools=["calculate"], tool_rounds=2, max_new_tokens=40), batched)
+    rows = Rows(batched.model)
+    outs = await _ask_all(core, ["b1", "b2", "b3", "b4"], stop="b2")
+    answers = [await out.wait(60) for out in outs]
+    await core.wait_idle()
+    rows.close()
+    assert max(rows.seen) > 1  # the rounds really decoded together
+    assert [answers[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
+    stopped = answers[1]
+    assert stopped is not None and stopped.endswith("\n\n[Stopped.]")
+    async with core.db.reading() as session:
+        results = (await session.scalars(select(Message.text).where(Message.role == "tool"))).all()
+    # two calculator rounds for each of the four solo answers and the three batched ones not stopped
+    assert results.count("42") >= 2 * 4 + 2 * 3
 
 
 # -- the queue with several slots --------------------------------------------------------
