@@ -61,14 +61,13 @@ class Stream:
         self.token = -1  # the last sampled token, decoded at the next step
         self.logits: torch.Tensor | None = None
         self.visible = RoundText(options, strip_end=True)
-        self.decoder: Any = None
+        self.decoder: Any = None  # set by `begin`
+        self.prefill_from = 0
         #: the round's result, resolved on the engine thread
         self.result: Future[Generation] = Future()
 
-    def begin(
-        self, model: Any, *, max_context: int, device: torch.device, new_cache: Callable[[], Any]
-    ) -> None:
-        """Prefill what is new in the conversation; the first token's logits are then ready."""
+    def begin(self, *, max_context: int, new_cache: Callable[[], Any]) -> None:
+        """Ready the round to prefill what is new in the conversation (`feed`)."""
         state = self.state
         if len(state.tokens) >= max_context:
             raise EngineError(
@@ -80,13 +79,23 @@ class Stream:
             truncate_cache(state, len(state.tokens) - 1)
         if state.cache is None:
             state.cache = new_cache()
-        new = state.tokens[state.cached :]
         self.decoder = self.fmt.reply_decoder(state.tokens)
-        with torch.inference_mode():
-            self.logits = prefill(model, state.cache, new, state.cached, device)
-        self.prompt_tokens = len(new)
-        state.cached = len(state.tokens)
+        self.prefill_from = state.cached
         self.budget = min(self.options.max_new_tokens, max_context - len(state.tokens))
+
+    def feed(self, model: Any, device: torch.device, most: int | None = None) -> bool:
+        """Prefill up to `most` more of the new tokens (all: None). True once all are in the
+        cache: the first token's logits are then ready."""
+        state = self.state
+        end = len(state.tokens) if most is None else min(len(state.tokens), state.cached + most)
+        with torch.inference_mode():
+            logits = prefill(model, state.cache, state.tokens[state.cached : end], state.cached, device)
+        state.cached = end
+        self.prompt_tokens = end - self.prefill_from
+        if end < len(state.tokens):
+            return False
+        self.logits = logits
+        return True
 
     def advance(self, generator: torch.Generator | None) -> bool:
         """Take the next token from the logits; True if the round goes on (`token` is to be

@@ -20,8 +20,10 @@ line for the user; the engine and the session keep working.
 
 Several conversations at once (`max_batch`, `YANRAY_MAX_BATCH`): the engine thread runs a
 pump. Between decode steps it runs the queued work (a session's append or close, a new
-round), prefills the rounds waiting to join while the batch has room, and then decodes one
-token for every round in the batch in one forward pass (`engine/batch.py`). A round that
+round), prefills the rounds waiting to join while the batch has room (while others decode,
+`join_chunk` tokens of a joining prompt per step, so a long prompt does not stall their
+text; a cancel is seen between pieces), and then decodes one token for every round in the
+batch in one forward pass (`engine/batch.py`). A round that
 ends leaves at once with its result; the others go on. Running out of memory while a round
 joins fails that round only; in a batched step it fails the round that joined last (the
 batch shrinks) and the others go on. `join_fault`, called just before a round joins, lets a
@@ -86,6 +88,11 @@ T = TypeVar("T")
 IDS_KEPT = 1 << 21
 #: conversations decoded together when YANRAY_MAX_BATCH is unset
 DEFAULT_MAX_BATCH = {"cuda": 8, "cpu": 4}
+#: Tokens a joining round prefills between two decode steps of the others. Prefill is
+#: compute-bound and a decode step bandwidth-bound: on a GPU 512 tokens of a 6B cost about
+#: what a few steps do; on a CPU (a few tokens/s of prefill) a smaller piece keeps the others'
+#: text moving every few seconds. A larger piece prefills faster in all; alone, no pieces.
+JOIN_CHUNK = {"cuda": 512, "cpu": 64}
 
 
 class LocalEngine:
@@ -135,6 +142,8 @@ class LocalEngine:
             batch = 1
         #: conversations generating together, at most
         self.max_batch = max(1, batch)
+        #: tokens a joining round prefills per decode step of the others (`_admit`)
+        self.join_chunk = JOIN_CHUNK.get(device.type, JOIN_CHUNK["cpu"])
         #: called on the engine thread just before a prefilled round joins the batch (tests
         #: inject an out-of-memory there)
         self.join_fault: Callable[[], None] | None = None
@@ -315,18 +324,27 @@ class LocalEngine:
         return stream.result
 
     def _admit(self) -> None:
-        """Prefill the rounds waiting to join, while the batch has room."""
+        """Prefill the rounds waiting to join, while the batch has room. While others decode,
+        a joining round prefills `join_chunk` tokens per step, so a long prompt does not pause
+        them for the whole of its prefill; alone, it prefills at once."""
         while self._joining and len(self._batch) < self.max_batch:
-            stream = self._joining.popleft()
+            stream = self._joining[0]
             try:
                 if self.model is None:
                     raise EngineUnavailable("The local model has been shut down.")
-                state = stream.state
-                if state.cache is None and state.cached == 0:
-                    self._warm(state)
-                stream.begin(
-                    self.model, max_context=self.max_context, device=self.device, new_cache=self._new_cache
-                )
+                if stream.decoder is None:
+                    state = stream.state
+                    if state.cache is None and state.cached == 0:
+                        self._warm(state)
+                    stream.begin(max_context=self.max_context, new_cache=self._new_cache)
+                if not stream.feed(self.model, self.device, self.join_chunk if self._batch else None):
+                    if not stream.options.cancel.is_set():
+                        return  # the rest after the others' next step
+                    stream.finish = "cancelled"  # the rest of its prompt is prefilled next round
+                    self._joining.popleft()
+                    self._complete(stream)
+                    continue
+                self._joining.popleft()
                 if not stream.advance(self._generator):
                     self._complete(stream)
                     continue
@@ -334,6 +352,8 @@ class LocalEngine:
                     self.join_fault()
                 self._batch.join(stream)
             except BaseException as exc:
+                if self._joining and self._joining[0] is stream:
+                    self._joining.popleft()
                 self._fail(stream, exc)
 
     def _step(self) -> None:

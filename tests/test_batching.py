@@ -140,6 +140,85 @@ async def test_a_cancelled_conversation_leaves_without_disturbing_the_others(
     assert [together[i] for i in (0, 1, 3)] == [alone[i] for i in (0, 1, 3)]
 
 
+class Calls:
+    """Every forward call of the model: (rows, tokens per row)."""
+
+    def __init__(self, model: Any) -> None:
+        self.seen: list[tuple[int, int]] = []
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        self.seen.append(tuple(kwargs["input_ids"].shape))
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+async def _reply(
+    engine: LocalEngine, question: str, tokens: int, started: asyncio.Event | None = None
+) -> str:
+    session = await engine.start([SYSTEM, ChatMessage("user", question)])
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if started is not None:
+            started.set()
+
+    generation = await session.generate(GenerateOptions(max_new_tokens=tokens), on_text)
+    await session.close()
+    assert "".join(pieces) == generation.text
+    return generation.text
+
+
+async def test_a_long_prompt_joins_in_pieces_between_the_others_steps(
+    solo_engine: LocalEngine, batch_engine: LocalEngine
+) -> None:
+    long_question = "Please summarise this: " + "the cat sat on the warm mat by the door. " * 12
+    alone = [await _reply(solo_engine, QUESTIONS[1], 60), await _reply(solo_engine, long_question, 8)]
+    batch_engine.join_chunk = 8
+    calls = Calls(batch_engine.model)
+    try:
+        running = asyncio.Event()
+        first = asyncio.ensure_future(_reply(batch_engine, QUESTIONS[1], 60, running))
+        await running.wait()
+        second = await _reply(batch_engine, long_question, 8)
+        together = [await first, second]
+    finally:
+        calls.close()
+        batch_engine.join_chunk = 64
+    assert together == alone
+    pieces = [i for i, (rows, width) in enumerate(calls.seen) if width > 1]
+    long_pieces = [i for i in pieces if i > pieces[0]]  # the first is the first conversation's prompt
+    assert len(long_pieces) >= 10 and all(calls.seen[i][1] <= 8 for i in long_pieces)
+    # between two pieces of the long prompt, the first conversation decoded a token
+    assert all(calls.seen[i + 1] == (1, 1) for i in long_pieces[:-1])
+
+
+async def test_a_round_cancelled_while_its_prompt_joins_stops_and_the_next_round_prefills_the_rest(
+    solo_engine: LocalEngine, batch_engine: LocalEngine
+) -> None:
+    long_question = "Please summarise this: " + "the cat sat on the warm mat by the door. " * 12
+    alone = await _reply(solo_engine, long_question, 8)
+    batch_engine.join_chunk = 8
+    try:
+        running = asyncio.Event()
+        first = asyncio.ensure_future(_reply(batch_engine, QUESTIONS[1], 60, running))
+        await running.wait()
+        session = await batch_engine.start([SYSTEM, ChatMessage("user", long_question)])
+        options = GenerateOptions(max_new_tokens=8)
+        options.cancel.set()
+        cancelled = await session.generate(options)
+        assert cancelled.finish == "cancelled" and cancelled.text == ""
+        assert 0 < cancelled.prompt_tokens < session.tokens  # stopped between two pieces
+        again = await session.generate(GenerateOptions(max_new_tokens=8))
+        await session.close()
+        await first
+    finally:
+        batch_engine.join_chunk = 64
+    assert again.text == alone
+
+
 async def test_out_of_memory_at_join_fails_only_the_joining_request(
     solo_engine: LocalEngine, batch_engine: LocalEngine
 ) -> None:
