@@ -16,9 +16,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/yanray && /opt/yanray/bin/pip install --upgrade pip
 # torch in a layer of its own: the largest download (about 3 GB with its CUDA libraries), and
-# the one that changes least; the same version scripts/install.sh pins
+# the one that changes least; the same version scripts/install.sh pins. PyPI's CUDA build has
+# no kernels for GPUs older than Turing (Maxwell, Pascal such as the P102-100, Volta); for
+# those, build with --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126.
 ARG TORCH_VERSION=2.13.0
-RUN /opt/yanray/bin/pip install "torch==${TORCH_VERSION}"
+ARG TORCH_INDEX_URL=
+RUN /opt/yanray/bin/pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY errors/ errors/
