@@ -42,7 +42,8 @@ RUN if [ "$YANRAY_COMPILE" != off ]; then \
       && rm -rf /var/lib/apt/lists/*; \
     fi
 # /data and /data/models exist and belong to the user, so fresh named volumes mounted there do too
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/yanray yanray \
+RUN groupadd --system --gid 10001 yanray \
+ && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/yanray yanray \
  && mkdir -p /data/models \
  && chown -R yanray:yanray /data
 COPY --from=build /opt/yanray /opt/yanray
@@ -52,7 +53,7 @@ ENV PATH=/opt/yanray/bin:$PATH \
     HF_HOME=/data/models/huggingface \
     YANRAY_HTTP_LISTEN=0.0.0.0:8089 \
     YANRAY_COMPILE=${YANRAY_COMPILE}
-USER yanray
+USER 10001:10001
 WORKDIR /home/yanray
 EXPOSE 8089
 ENTRYPOINT ["yanray"]

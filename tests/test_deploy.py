@@ -165,7 +165,8 @@ def test_dockerfile_copies_every_package_and_runs_unprivileged() -> None:
     assert ".env" in ignored  # the tokens stay out of the build context
     build, final = _stages(dockerfile)
     assert "build-essential" in build and "build-essential" not in final
-    assert re.search(r"^USER yanray$", final, re.MULTILINE)
+    assert re.search(r"^USER 10001:10001$", final, re.MULTILINE)  # numeric: runAsNonRoot can check it
+    assert "--uid 10001 " in final
     assert "COPY --from=build /opt/yanray /opt/yanray" in final
 
 
