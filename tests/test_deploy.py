@@ -11,6 +11,7 @@ Where a Compose v2 binary is installed (`docker-compose` from the dev extra, or 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -182,6 +183,15 @@ def _compose_command() -> list[str] | None:
     return None
 
 
+def _run_compose(command: list[str], project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # a clean environment: variables exported in the developer's shell (COMPOSE_PROFILES,
+    # YANRAY_*) would take precedence over .env
+    environment = {"PATH": os.environ.get("PATH", ""), "HOME": str(project)}
+    return subprocess.run(
+        [*command, *args], cwd=project, env=environment, capture_output=True, text=True, timeout=60
+    )
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A copy of what `docker compose config` reads, with .env.example as the .env."""
@@ -198,13 +208,7 @@ def test_compose_config_is_valid_with_each_profile(project: Path, profiles: list
     if command is None:
         pytest.skip("no Compose v2 here (pip install -e '.[dev]' brings docker-compose on Linux x86_64)")
     flags = [arg for profile in profiles for arg in ("--profile", profile)]
-    done = subprocess.run(
-        [*command, *flags, "config", "--format", "json"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _run_compose(command, project, *flags, "config", "--format", "json")
     assert done.returncode == 0, done.stderr
     config = json.loads(done.stdout)
     assert set(config["services"]) == {"yanray", *(PROFILES[p] for p in profiles)}
@@ -219,8 +223,6 @@ def test_compose_config_refuses_a_missing_env_file(project: Path) -> None:
     if command is None:
         pytest.skip("no Compose v2 here")
     (project / ".env").unlink()
-    done = subprocess.run(
-        [*command, "config", "--quiet"], cwd=project, capture_output=True, text=True, timeout=60
-    )
+    done = _run_compose(command, project, "config", "--quiet")
     assert done.returncode != 0
     assert ".env" in done.stderr
