@@ -155,7 +155,9 @@ def _people(items: Sequence[str]) -> set[tuple[str, str]]:
 
 
 class _Exporter:
-    def __init__(self, settings: Settings, options: ExportOptions, tools: Mapping[str, Tool], key: bytes) -> None:
+    def __init__(
+        self, settings: Settings, options: ExportOptions, tools: Mapping[str, Tool], key: bytes
+    ) -> None:
         self.settings = settings
         self.options = options
         self.key = key
@@ -258,7 +260,9 @@ class _Exporter:
             data = _redacted(data, self.redactor)
         if self.options.format == "sharegpt" and (problems := sharegpt_problems(data)):
             # never written: the exchanges keep the rules, so this is a bug worth a log line
-            logger.error("conversation %d: a record breaks the sharegpt rules (%s)", conversation.id, problems)
+            logger.error(
+                "conversation %d: a record breaks the sharegpt rules (%s)", conversation.id, problems
+            )
             self.out.counts["broken"] += 1
             return None
         people = {p for e in window for p in e.speakers}
@@ -419,5 +423,9 @@ def _write(settings: Settings, options: ExportOptions, collected: _Collected, ke
         (out / f"{VALIDATION}.jsonl").unlink(missing_ok=True)  # from an earlier export, now unnamed
     info = dataset_info(options.format, VALIDATION in files)
     _write_private(out / "dataset_info.json", (json.dumps(info, indent=2) + "\n").encode())
-    _write_private(out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
-    return ExportResult(len(train), len(validation) if VALIDATION in files else 0, len(collected.conversations), manifest)
+    _write_private(
+        out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode()
+    )
+    return ExportResult(
+        len(train), len(validation) if VALIDATION in files else 0, len(collected.conversations), manifest
+    )

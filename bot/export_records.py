@@ -112,7 +112,7 @@ class ExchangeReader:
                 pending.asked_at = pending.asked_at or asked
             if not answer:
                 continue  # unanswered: merged into the next question
-            if not pending.questions:
+            if not questions:  # its question was taken out of the context: nothing to pair it with
                 yield Gap("an answer without its question")
                 pending = _Pending()
                 continue

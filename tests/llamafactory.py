@@ -38,7 +38,13 @@ SHAREGPT_DEFAULTS = {
     "function_tag": "function_call",
     "system_tag": "system",
 }
-ALPACA_DEFAULTS = {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None}
+ALPACA_DEFAULTS = {
+    "prompt": "instruction",
+    "query": "input",
+    "response": "output",
+    "history": None,
+    "system": None,
+}
 
 
 def attributes(entry: Mapping[str, Any]) -> dict[str, Any]:

@@ -123,7 +123,9 @@ async def build_database(url: str) -> Built:
             question="Hi, I am Alice: alice.smith@example.com, +1 (555) 123-4567.",
             rounds=[("assistant", "Hello Alice!", "")],
         )
-        await ask(db, built, "cancelled", conversation=alice, who=ALICE, question="Never mind", status="cancelled")
+        await ask(
+            db, built, "cancelled", conversation=alice, who=ALICE, question="Never mind", status="cancelled"
+        )
         await ask(
             db,
             built,
@@ -205,12 +207,26 @@ async def build_database(url: str) -> Built:
         )
         dave = ("telegram", DAVE, DAVE)
         await ask(
-            db, built, "old", conversation=dave, who=DAVE, question="Old topic", rounds=[("assistant", "Old.", "")]
+            db,
+            built,
+            "old",
+            conversation=dave,
+            who=DAVE,
+            question="Old topic",
+            rounds=[("assistant", "Old.", "")],
         )
         async with db.transaction() as session:
-            await crud.reset_conversation(session=session, conversation_id=built.conversations[":".join(dave)])
+            await crud.reset_conversation(
+                session=session, conversation_id=built.conversations[":".join(dave)]
+            )
         await ask(
-            db, built, "new", conversation=dave, who=DAVE, question="New topic", rounds=[("assistant", "New.", "")]
+            db,
+            built,
+            "new",
+            conversation=dave,
+            who=DAVE,
+            question="New topic",
+            rounds=[("assistant", "New.", "")],
         )
         await rate(db, built.requests["slash"], "telegram", ALICE, 1)
         await rate(db, built.requests["slash"], "discord", BOB, -1)
@@ -235,7 +251,9 @@ async def run(settings: Settings, out: Path, **options: Any) -> tuple[ExportResu
     info = json.loads((out / "dataset_info.json").read_text(encoding="utf-8"))
     llamafactory.load(out)  # every record passes LLaMA-Factory's checks
     files = {
-        name: [json.loads(line) for line in (out / entry["file_name"]).read_text(encoding="utf-8").splitlines()]
+        name: [
+            json.loads(line) for line in (out / entry["file_name"]).read_text(encoding="utf-8").splitlines()
+        ]
         for name, entry in info.items()
     }
     return result, files
@@ -269,8 +287,20 @@ async def test_golden_default_export(make_settings, database_url, tmp_path) -> N
     assert [tool["name"] for tool in json.loads(system[len(SYSTEM) + 1 :])] == ["calculate"]
     assert all(r["system"] == system for r in records)
     assert (result.train, result.validation, result.conversations) == (5, 0, 3)
-    text = "".join((tmp_path / "out" / name).read_text(encoding="utf-8") for name in os.listdir(tmp_path / "out"))
-    for private in (ALICE, BOB, CAROL, DAVE, "alice.smith", "123-4567", "13800138000", "I am Bob", "Hello everyone"):
+    text = "".join(
+        (tmp_path / "out" / name).read_text(encoding="utf-8") for name in os.listdir(tmp_path / "out")
+    )
+    for private in (
+        ALICE,
+        BOB,
+        CAROL,
+        DAVE,
+        "alice.smith",
+        "123-4567",
+        "13800138000",
+        "I am Bob",
+        "Hello everyone",
+    ):
         assert private not in text
 
 
@@ -360,7 +390,9 @@ async def test_since_leaves_out_earlier_questions(make_settings, database_url, t
             )
     finally:
         await db.close()
-    _, files = await run(settings_for(make_settings), tmp_path / "out", since=datetime(2025, 1, 1, tzinfo=UTC))
+    _, files = await run(
+        settings_for(make_settings), tmp_path / "out", since=datetime(2025, 1, 1, tzinfo=UTC)
+    )
     assert [r["conversations"][0]["value"] for r in files["yanray"]] == [
         "What is 6.5*7.5?",
         "And 2+2?",
@@ -370,7 +402,9 @@ async def test_since_leaves_out_earlier_questions(make_settings, database_url, t
     ]
 
 
-async def test_users_narrows_to_conversations_of_those_people_alone(make_settings, database_url, tmp_path) -> None:
+async def test_users_narrows_to_conversations_of_those_people_alone(
+    make_settings, database_url, tmp_path
+) -> None:
     await build_database(database_url)
     settings = settings_for(make_settings)
     _, files = await run(settings, tmp_path / "a", users=(f"telegram:{ALICE}",))
@@ -402,7 +436,9 @@ async def test_alpaca_leaves_out_tool_answers(make_settings, database_url, tmp_p
     assert info["yanray"]["formatting"] == "alpaca"
 
 
-async def test_val_ratio_puts_whole_conversations_in_a_second_entry(make_settings, database_url, tmp_path) -> None:
+async def test_val_ratio_puts_whole_conversations_in_a_second_entry(
+    make_settings, database_url, tmp_path
+) -> None:
     await build_database(database_url)
     result, files = await run(settings_for(make_settings), tmp_path / "out", val_ratio=0.4)
     assert set(files) == {"yanray", "yanray_val"}
@@ -417,7 +453,9 @@ async def test_val_ratio_puts_whole_conversations_in_a_second_entry(make_setting
     assert not (tmp_path / "out" / "yanray_val.jsonl").exists()
 
 
-async def test_long_chats_are_cut_into_windows_that_end_on_an_answer(make_settings, database_url, tmp_path) -> None:
+async def test_long_chats_are_cut_into_windows_that_end_on_an_answer(
+    make_settings, database_url, tmp_path
+) -> None:
     await build_database(database_url)
     hello = len("Hi, I am Alice: alice.smith@example.com, +1 (555) 123-4567.Hello Alice!")  # as stored
     _, files = await run(settings_for(make_settings), tmp_path / "out", max_chars=hello + 10)

@@ -59,7 +59,9 @@ async def stored_messages(url: str, conversation_id: int) -> list[ChatMessage]:
 async def test_a_tool_round_renders_as_yanray_prompts_it(make_settings, core_factory, tmp_path) -> None:
     """Stored by the real dispatcher, worker and tool loop (real calculator), then exported."""
     settings = settings_for(make_settings, admins=["test:u"])
-    engine = ScriptedEngine(["Hello! How can I help?", "Let me compute.\n/calculate 6.5*7.5\n", "It is 48.75."])
+    engine = ScriptedEngine(
+        ["Hello! How can I help?", "Let me compute.\n/calculate 6.5*7.5\n", "It is 48.75."]
+    )
     core = await core_factory(settings, engine)
     for question in ("Hi", "What is 6.5*7.5?"):
         out = RecordingStream()
@@ -80,7 +82,10 @@ async def test_a_tool_round_renders_as_yanray_prompts_it(make_settings, core_fac
     prompt = yanray_ids(settings, await stored_messages(settings.database_url, 1))
     assert prompt[-1] == ASSISTANT and trained[-1] == EOS and EOS in STOP_IDS
     assert trained[:-1] == prompt[:-1]  # the same ids, role tokens and text alike
-    assert SlashCalls(["calculate"]).last_call(record["conversations"][3]["value"]) == ("calculate", "6.5*7.5")
+    assert SlashCalls(["calculate"]).last_call(record["conversations"][3]["value"]) == (
+        "calculate",
+        "6.5*7.5",
+    )
 
 
 async def test_the_documented_differences(make_settings, database_url, tmp_path) -> None:
