@@ -407,6 +407,7 @@ def _write(settings: Settings, options: ExportOptions, collected: _Collected, ke
             "conversations": len(collected.conversations),
             "answers": collected.counts["answers"],
             "tool_rounds": collected.counts["tool_rounds"],
+            "broken_records_not_written": collected.counts["broken"],
             "redacted": dict(sorted(collected.redactions.items())),
             "left_out_conversations": dict(sorted(collected.left_out.items())),
             "gaps": dict(sorted(collected.gaps.items())),

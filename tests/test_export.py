@@ -342,6 +342,7 @@ async def test_manifest_names_records_by_pseudonym(make_settings, database_url, 
     counts = manifest["counts"]
     assert counts["records"] == {"yanray": 5}
     assert counts["answers"] == 7 and counts["tool_rounds"] == 2
+    assert counts["broken_records_not_written"] == 0
     assert counts["redacted"] == {"email": 1, "phone": 2}
     assert counts["left_out_conversations"] == {"a writer did not say /share on": 2}
     assert counts["gaps"] == {"/reset": 1, "rated 👎": 1}
