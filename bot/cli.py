@@ -1,4 +1,5 @@
-"""The `yanray` command: `chat` in a terminal, `run` the bots, `quantize` a model to INT8.
+"""The `yanray` command: `chat` in a terminal, `run` the bots, `quantize` a model to INT8,
+`export` the conversations as a training dataset.
 
 Everything is built here once and passed in (settings, engine, core, adapters).
 Logging is configured here, to standard error; standard output carries only the
@@ -23,6 +24,7 @@ from typing import Any
 
 from yanray.bot.app import Core
 from yanray.bot.errors import AdapterFailed, ConfigError, YanrayError
+from yanray.bot.export_cli import add_export_parser, run_export
 from yanray.bot.settings import Settings, load_settings
 from yanray.bot.types import Adapter
 from yanray.engine.base import Engine
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("src", type=Path, help="model folder (config.json, tokenizer.model, weights)")
     quantize.add_argument("dst", type=Path, help="output folder for the INT8 model")
+    add_export_parser(commands)
     return parser
 
 
@@ -222,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_level)
         if args.command == "quantize":
             quantize(args.src, args.dst)
+            return 0
+        if args.command == "export":
+            run_export(settings, args)
             return 0
         check_data_dir(settings)
         # one process per SQLite journal, checked before the model loads (which takes a while)
