@@ -172,3 +172,27 @@ async def test_thumbs_of_any_skin_tone_count_and_other_emoji_do_not() -> None:
     assert thumb("👍") == 1 and thumb("👎") == -1
     assert thumb("👍🏽") == 1 and thumb("👎🏿") == -1 and thumb("👍\ufe0f") == 1
     assert thumb("❤") is None and thumb("👍👍") is None and thumb("") is None and thumb("👍" * 100) is None
+
+
+async def test_a_reaction_counts_only_on_an_answer_and_only_from_someone_allowed(
+    make_settings, core_factory
+) -> None:
+    core = await core_factory(make_settings(tools=[], admins=["test:root"]), ScriptedEngine(["An answer."]))
+    out = RecordingStream()
+    await core.dispatcher.handle(msg("hi"), out)
+    await out.wait()
+    await out.record([[77, "digest"], [78, "digest"]])  # what an adapter reports showing the answer
+    await say(core, "/deny test:mallory", user="root")
+    people = core.dispatcher.people
+
+    async def react(user: str, message: str, value: int | None) -> bool:
+        return await people.rate(
+            platform="test", chat_id="alice", message_id=message, user_id=user, value=value
+        )
+
+    assert not await react("mallory", "77", 1), "a denied person's reaction is ignored"
+    assert not await react("bob", "76", 1), "76 shows no answer"
+    assert await react("bob", "78", -1) and await react("alice", "77", 1)
+    assert await ratings(core) == [(1, "test", "alice", 1), (1, "test", "bob", -1)]
+    assert await react("bob", "78", None)
+    assert await ratings(core) == [(1, "test", "alice", 1)]
