@@ -11,6 +11,9 @@ is answered, and the rest of the input is not dropped), and a line is read at mo
 `MAX_LINE_CHARS` at a time, so an endless line is refused as too long without ever being
 held whole in memory.
 
+A terminal has no reactions: `/good` and `/bad` rate the last answer (the dispatcher's
+commands, `bot/people.py`).
+
 Yanray's own texts follow the terminal's language (`LANGUAGE`, `LC_ALL`, `LC_MESSAGES`,
 `LANG`, the first one set, as gettext reads them), unless `YANRAY_LANGUAGE` or `/lang` says
 otherwise.

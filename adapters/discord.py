@@ -26,6 +26,12 @@ Choices where the design is silent:
   found in the channel history, so a user sees one answer.
 - A channel that answers 403 is logged once per run; each new question there is tried
   again (permissions can be fixed while Yanray runs).
+- Ratings: a 👍 or 👎 (any skin tone) on a message of an answer rates it for the person who
+  reacted (`Dispatcher.people.rate`); a new thumb replaces their rating. Discord lets one
+  person put both on a message, so taking one away deletes the rating only while it is
+  that one's: after 👍 then 👎, removing the 👍 leaves the 👎. The first message of a
+  slash command's answer is the interaction's response, which Yanray knows by its token
+  and not by id, so reactions count on channel answers and on a slash answer's later parts.
 
 Connecting (the discord.py client, intents, the REST and gateway URLs) is `discord_client`;
 it also skips (and logs once) a gateway event discord.py cannot parse, so the connection
@@ -51,6 +57,7 @@ from yanray.adapters.streamer import ReplyStreamer
 from yanray.bot.dispatcher import Dispatcher
 from yanray.bot.errors import ConfigError
 from yanray.bot.i18n import N_, translator
+from yanray.bot.people import thumb
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming, Route
 
@@ -199,7 +206,7 @@ class DiscordAdapter:
             return
         sink = ChannelSink(self.client, message.channel.id, message.id, wait_ready=self._wait_ready)
         out = self._stream(sink, message.id)
-        if not self._allowed(message.guild.id if message.guild else None, message.channel, incoming):
+        if not await self._allowed(message.guild.id if message.guild else None, message.channel, incoming):
             key = (message.channel.id, message.author.id)
             if key not in self._refused:
                 self._refused.add(key)
@@ -222,7 +229,7 @@ class DiscordAdapter:
         if before is not None and before.content == message.content:
             return
         incoming = self._incoming(message)
-        if incoming is None or not self._allowed(
+        if incoming is None or not await self._allowed(
             message.guild.id if message.guild else None, message.channel, incoming
         ):
             return
@@ -248,13 +255,29 @@ class DiscordAdapter:
             moderator=interaction.guild_id is not None and interaction.permissions.manage_messages,
             language=interaction.locale.value,  # the user's own Discord app
         )
-        if not self._allowed(interaction.guild_id, interaction.channel, incoming):
+        if not await self._allowed(interaction.guild_id, interaction.channel, incoming):
             await interaction.response.send_message(self._say(REFUSAL, incoming), ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
         fallback = ChannelSink(self.client, channel_id, wait_ready=self._wait_ready) if channel_id else None
         sink = InteractionSink(interaction, wait_ready=self._wait_ready, fallback=fallback)
         await self.dispatcher.handle(incoming, self._stream(sink, None))
+
+    async def on_reaction(self, payload: discord.RawReactionActionEvent, added: bool) -> None:
+        me = self.client.user
+        if me is None or payload.user_id == me.id or (payload.member is not None and payload.member.bot):
+            return
+        value = thumb(payload.emoji.name or "") if payload.emoji.id is None else None  # no custom emoji
+        if value is None:
+            return
+        await self.dispatcher.people.rate(
+            platform=self.platform,
+            chat_id=str(payload.channel_id),
+            message_id=str(payload.message_id),
+            user_id=str(payload.user_id),
+            value=value if added else None,
+            unless=None if added else value,
+        )
 
     # -- who is answered -------------------------------------------------------------------
 
@@ -311,13 +334,13 @@ class DiscordAdapter:
         what failed may be the database)."""
         return translator(self.dispatcher.hint_language(incoming.language)).gettext(message)
 
-    def _allowed(self, guild_id: int | None, channel: Any, incoming: Incoming) -> bool:
-        """Inside the guild/channel/role fence (a DM: only named users while a fence is set)."""
+    async def _allowed(self, guild_id: int | None, channel: Any, incoming: Incoming) -> bool:
+        """Inside the guild/channel/role fence (a DM: only named users while a fence is set:
+        YANRAY_ALLOWED_USERS, YANRAY_ADMINS, or an admin's /allow)."""
         s = self.settings
         if guild_id is None:
             fenced = s.discord_allowed_guilds or s.discord_allowed_channels or s.discord_allowed_roles
-            who = f"discord:{incoming.user_id}"
-            return not fenced or who in s.allowed_users or who in s.admins
+            return not fenced or await self.dispatcher.people.named(f"discord:{incoming.user_id}")
         if s.discord_allowed_guilds and str(guild_id) not in s.discord_allowed_guilds:
             return False
         if s.discord_allowed_channels:

@@ -1,6 +1,6 @@
 """Connecting to Discord: the discord.py client subclass, its intents and its URLs.
 
-`YanrayClient` forwards the events Yanray uses (messages, raw edits, slash commands via
+`YanrayClient` forwards the events Yanray uses (messages, raw edits, raw reactions, slash commands via
 its `app_commands.CommandTree`) to the adapter and registers the slash commands in
 `setup_hook`, which discord.py runs after login and before the gateway connects.
 
@@ -21,9 +21,10 @@ would fail later, in the database), and an event that still fails is logged once
 shortened, and skipped while the connection stays up. discord.py offers no public hook
 for this; the parsers live in `ConnectionState.parsers`, the dict the gateway reads.
 
-Intents: guilds, guild messages and DMs; message content (privileged) only with
-`YANRAY_DISCORD_MESSAGE_CONTENT=true`. Without it Discord still sends the text of DMs and
-of messages that mention the bot.
+Intents: guilds, guild messages and DMs, and reactions in both (👍/👎 rate answers: the
+raw events, so that a reaction on a message discord.py no longer caches still counts);
+message content (privileged) only with `YANRAY_DISCORD_MESSAGE_CONTENT=true`. Without it
+Discord still sends the text of DMs and of messages that mention the bot.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class Handlers(Protocol):
 
     async def on_slash(self, interaction: discord.Interaction[Any], text: str) -> None: ...
 
+    async def on_reaction(self, payload: discord.RawReactionActionEvent, added: bool) -> None: ...
+
 
 class YanrayClient(discord.Client):
     def __init__(self, handlers: Handlers, *, guild_ready_timeout: float) -> None:
@@ -97,6 +100,12 @@ class YanrayClient(discord.Client):
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         await self.handlers.on_edit(payload)
 
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        await self.handlers.on_reaction(payload, True)
+
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        await self.handlers.on_reaction(payload, False)
+
     async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
         logger.exception("Discord: handling %s failed", event_method)
 
@@ -126,6 +135,7 @@ def _guarded(event: str, parse: Callable[[Any], None]) -> Callable[[Any], None]:
 def intents_for(settings: Settings) -> discord.Intents:
     intents = discord.Intents.none()
     intents.guilds = intents.guild_messages = intents.dm_messages = True
+    intents.guild_reactions = intents.dm_reactions = True
     intents.message_content = settings.discord_message_content
     return intents
 

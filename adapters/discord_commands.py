@@ -1,4 +1,4 @@
-"""Yanray's slash commands on Discord: /ask, /reset, /stop, /retry, /history, /system.
+"""Yanray's slash commands on Discord: /ask, /reset, /stop, /retry, /history, /system, /lang, /share.
 
 Each command only turns the interaction into the text the dispatcher already understands
 ("/history 5", "/system be brief", or the question itself for /ask) and hands it to the
@@ -101,7 +101,15 @@ def build_commands(handler: Handler) -> list[app_commands.Command[Any, ..., None
     async def lang(interaction: discord.Interaction[Any], language: str | None = None) -> None:
         await handler(interaction, "/lang" if not language else f"/lang {language}")
 
-    return [ask, reset, stop, retry, history, system, lang]
+    @app_commands.command(name="share", description=describe("share"))
+    @app_commands.describe(choice=locale_str(N_("on or off; leave empty to see your choice")))
+    @app_commands.choices(
+        choice=[app_commands.Choice(name="on", value="on"), app_commands.Choice(name="off", value="off")]
+    )
+    async def share(interaction: discord.Interaction[Any], choice: str | None = None) -> None:
+        await handler(interaction, "/share" if not choice else f"/share {choice}")
+
+    return [ask, reset, stop, retry, history, system, lang, share]
 
 
 async def install(

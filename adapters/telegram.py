@@ -30,6 +30,12 @@ showed it, which the core stored with the request (`ReplyStream.watch`) and hand
 `handle_edit`'s factory. A
 chat that blocked the bot is not written to until a message from it arrives again; the
 core stores the set (`Dispatcher.note_blocked`), read back at start, so a restart keeps it.
+
+Ratings: a 👍 or 👎 reaction on a message of an answer (`message_reaction` updates, asked for
+in `allowed_updates`) goes to `Dispatcher.people.rate`. Telegram sends a person's whole set of
+reactions before and after the change; only a change of their thumbs counts (if both are set,
+the one just added). Telegram sends reactions in groups only to a bot that administers the
+group, and never reactions of anonymous administrators (no user) or of bots.
 """
 
 from __future__ import annotations
@@ -43,10 +49,17 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
-from telegram import Bot, BotCommand, Message, MessageEntity, Update
+from telegram import Bot, BotCommand, Message, MessageEntity, ReactionType, ReactionTypeEmoji, Update
 from telegram.constants import ChatMemberStatus, ChatType
 from telegram.error import InvalidToken, NetworkError, TelegramError
-from telegram.ext import Application, BaseUpdateProcessor, ContextTypes, MessageHandler, filters
+from telegram.ext import (
+    Application,
+    BaseUpdateProcessor,
+    ContextTypes,
+    MessageHandler,
+    MessageReactionHandler,
+    filters,
+)
 
 from yanray.adapters.sink import Shown, StreamerContext
 from yanray.adapters.streamer import ReplyStreamer
@@ -56,12 +69,13 @@ from yanray.adapters.telegram_webhook import WebhookServer
 from yanray.bot.dispatcher import COMMANDS, Dispatcher
 from yanray.bot.errors import ConfigError, YanrayError
 from yanray.bot.i18n import N_, translator
+from yanray.bot.people import COMMAND_WORDS, thumb
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming, Route
 
 MAX_NETWORK_TRIES = 5
 #: the command words the dispatcher answers (start is Telegram's first-contact command)
-YANRAY_COMMANDS = frozenset({"start", *(name for name, _ in COMMANDS)})
+YANRAY_COMMANDS = frozenset({"start", *(name for name, _ in COMMANDS), *COMMAND_WORDS})
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +87,7 @@ APOLOGY = N_("Sorry, something went wrong on my side. Please try again.")
 #: the command menu is registered once in English (the default) and once per other language,
 #: so each user's Telegram app shows it in their app's language
 MENU_LANGUAGES = {"zh": "zh"}  # Yanray's language: Telegram's language_code
-UPDATES = ["message", "edited_message"]
+UPDATES = ["message", "edited_message", "message_reaction"]
 #: commands whose effect in a shared group depends on whether the sender administers it
 _MODERATED = re.compile(r"/(?:reset|system|stop|lang)(?![A-Za-z_])", re.IGNORECASE)
 
@@ -180,6 +194,7 @@ class TelegramAdapter:
         )
         app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
         app.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self._on_edit))
+        app.add_handler(MessageReactionHandler(self._on_reaction))
         app.add_error_handler(self._on_error)
         await _initialize(app, base_url)  # getMe: a wrong token or base URL fails here
         source: UpdatePoller | WebhookServer
@@ -409,6 +424,28 @@ class TelegramAdapter:
         if not await self.dispatcher.handle_edit(incoming, answer):
             logger.debug("edit of message %s in chat %s ignored", message.message_id, message.chat.id)
 
+    async def _on_reaction(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        reaction = update.message_reaction
+        if reaction is None or reaction.user is None or reaction.user.is_bot:
+            return  # an anonymous administrator's (actor_chat) rates nobody's answer
+        old, new = _thumbs(reaction.old_reaction), _thumbs(reaction.new_reaction)
+        if old == new:
+            return  # another emoji changed
+        added = new - old
+        if not new:
+            value = None
+        elif len(new) == 1 or len(added) == 1:
+            (value,) = new if len(new) == 1 else added
+        else:
+            return
+        await self.dispatcher.people.rate(
+            platform=self.platform,
+            chat_id=str(reaction.chat.id),
+            message_id=str(reaction.message_id),
+            user_id=str(reaction.user.id),
+            value=value,
+        )
+
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """PTB's central error handler: one log with the traceback, one line to the user."""
         logger.error("error while handling a Telegram update", exc_info=context.error)
@@ -422,6 +459,12 @@ class TelegramAdapter:
             await context.bot.send_message(chat.id, translator(language).gettext(APOLOGY))
         except TelegramError as exc:
             logger.warning("chat %s: the apology could not be sent: %s", chat.id, exc)
+
+
+def _thumbs(reactions: tuple[ReactionType, ...]) -> set[int]:
+    """The ratings (+1, -1) a set of reactions holds: its 👍 and 👎."""
+    found = (thumb(r.emoji) for r in reactions if isinstance(r, ReactionTypeEmoji))
+    return {value for value in found if value is not None}
 
 
 async def _initialize(app: Application[Any, Any, Any, Any, Any, Any], base_url: str) -> None:

@@ -10,8 +10,9 @@ Where the design is silent:
 - `/system default` goes back to the configured `YANRAY_SYSTEM_PROMPT`.
 - `/retry` regenerates the latest answered question; while a question is still
   waiting or being answered it asks the user to wait or /stop first.
-- Refused users (not in `YANRAY_ALLOWED_USERS`) hear one refusal per process run,
-  then silence, so a stranger cannot make the bot spam a group.
+- Refused users (not in `YANRAY_ALLOWED_USERS`, or shut out with `/deny`: see `bot/people.py`,
+  which also answers /good, /bad, /share and /allow) hear one refusal per process run, then
+  silence, so a stranger cannot make the bot spam a group; `/allow` lets them hear it again.
 - The rate limit is a sliding minute per user, in memory (`YANRAY_RATE_LIMIT_PER_MINUTE`).
   Questions, edits that regenerate an answer, `/retry` and setting `/system` (which costs a
   count of the new prompt's tokens) count against it; other commands are cheap and do not.
@@ -37,6 +38,7 @@ from typing import Any
 from yanray.bot.context import MIN_QUESTION_TOKENS
 from yanray.bot.errors import QueueFull
 from yanray.bot.i18n import LANGUAGE_NAMES, LANGUAGES, N_, normalize, resolve, translator
+from yanray.bot.people import COMMAND_WORDS, People
 from yanray.bot.queue import Job, RequestQueue
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming, ReplyStream
@@ -54,6 +56,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("history", N_("Show the last messages of this conversation: /history [n]")),
     ("system", N_("Show or set this conversation's instructions: /system [text|default]")),
     ("lang", N_("Show or choose my language: /lang [en|zh|auto]")),
+    ("share", N_("Show or choose whether your chats may train my model: /share [on|off]")),
 ]
 MAX_MESSAGE_CHARS = 100_000
 MAX_SYSTEM_CHARS = 4_000
@@ -106,14 +109,16 @@ class Dispatcher:
         self.worker = worker
         self._refused: set[str] = set()
         self._recent: defaultdict[str, deque[float]] = defaultdict(deque)
+        #: ratings, /share, and the admins' /allow and /deny
+        self.people = People(settings=settings, db=db)
 
     async def handle(self, incoming: Incoming, out: ReplyStream) -> None:
         """Answer a command at once, or accept a question for the engine."""
         who = self._who(incoming)
-        if not self._allowed(who):
+        if not await self._allowed(who):
             if who not in self._refused:
                 self._refused.add(who)
-                logger.info("refused %s (not in YANRAY_ALLOWED_USERS)", who)
+                logger.info("refused %s (not in YANRAY_ALLOWED_USERS, or denied)", who)
                 tr = translator(self.hint_language(incoming.language))  # strangers get no stored row
                 await out.send(
                     tr.gettext("Sorry, I only answer people my owner allowed. Your id is {who}.").format(
@@ -136,6 +141,14 @@ class Dispatcher:
         command = match.group(1).lower() if match else ""
         if command in ("start", "help"):
             await out.send(translator(await self.language(incoming)).gettext(HELP))
+            return
+        if command in COMMAND_WORDS:
+            argument = (match.group(2) or "").strip() if match else ""
+            conversation = await self._conversation(incoming)
+            language = self._resolve(conversation.language, incoming)
+            await self.people.command(command, argument, conversation, incoming, out, language)
+            if command == "allow":
+                self._refused.discard(argument)  # a later /deny is told once again
             return
         if command in ("reset", "stop", "retry", "history", "system", "lang"):
             argument = (match.group(2) or "").strip() if match else ""
@@ -190,7 +203,9 @@ class Dispatcher:
         edit counts against the rate limit like a question: past it, the earlier answer is
         stopped and replaced by the rate-limit line instead of a new answer."""
         who = self._who(incoming)
-        if incoming.message_id is None or not self._allowed(who) or len(incoming.text) > MAX_MESSAGE_CHARS:
+        if incoming.message_id is None or len(incoming.text) > MAX_MESSAGE_CHARS:
+            return False
+        if not await self._allowed(who):
             return False
         text = incoming.text.strip()
         if not text or _COMMAND.match(text):
@@ -530,9 +545,8 @@ class Dispatcher:
     def _moderates(self, incoming: Incoming, who: str) -> bool:
         return incoming.moderator or who in self.settings.admins
 
-    def _allowed(self, who: str) -> bool:
-        allowed = self.settings.allowed_users
-        return not allowed or who in allowed or who in self.settings.admins
+    async def _allowed(self, who: str) -> bool:
+        return await self.people.allowed(who)
 
     def _within_rate(self, who: str) -> bool:
         limit = self.settings.rate_limit_per_minute

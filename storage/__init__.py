@@ -7,7 +7,7 @@ keyword-only functions in `crud`.
 from yanray.storage import crud
 from yanray.storage.db import Database, StorageError
 from yanray.storage.lock import DatabaseLock
-from yanray.storage.models import BlockedChat, Conversation, Message, Request, User
+from yanray.storage.models import BlockedChat, Conversation, Message, Rating, Request, User
 
 __all__ = [
     "BlockedChat",
@@ -15,6 +15,7 @@ __all__ = [
     "Database",
     "DatabaseLock",
     "Message",
+    "Rating",
     "Request",
     "StorageError",
     "User",

@@ -13,7 +13,18 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from yanray.storage.models import BlockedChat, Conversation, Message, Request, User, utcnow
+from yanray.storage.models import (
+    AccessRule,
+    AnswerMessage,
+    BlockedChat,
+    Conversation,
+    Message,
+    Rating,
+    Request,
+    ShareConsent,
+    User,
+    utcnow,
+)
 
 PENDING = ("queued", "running")
 T = TypeVar("T", User, Conversation)
@@ -171,7 +182,54 @@ async def finish_request(
 
 
 async def set_shown(*, session: AsyncSession, request_id: int, shown: Any) -> None:
+    """Store what the request's stream shows (a list of [message handle, digest]), and index
+    its messages (`AnswerMessage`) so that a reaction on one finds this answer. A handle that
+    is no message id (Discord's "@original" slash-command response) is not indexed."""
     await session.execute(update(Request).where(Request.id == request_id).values(shown=shown))
+    place = (
+        await session.execute(
+            select(Conversation.platform, Conversation.chat_id)
+            .join(Request, Request.conversation_id == Conversation.id)
+            .where(Request.id == request_id)
+        )
+    ).first()
+    if place is None:
+        return
+    platform, chat_id = place
+    handles = sorted(
+        {
+            str(item[0])
+            for item in (shown if isinstance(shown, list) else ())
+            if isinstance(item, list | tuple) and item and str(item[0]).isdigit() and len(str(item[0])) <= 64
+        }
+    )
+    await session.execute(delete(AnswerMessage).where(AnswerMessage.request_id == request_id))
+    if not handles:
+        return
+    # a message that showed an earlier answer (an edited question's) now shows this one
+    await session.execute(
+        delete(AnswerMessage).where(
+            AnswerMessage.platform == platform,
+            AnswerMessage.chat_id == chat_id,
+            AnswerMessage.message_id.in_(handles),
+        )
+    )
+    session.add_all(
+        AnswerMessage(platform=platform, chat_id=chat_id, message_id=handle, request_id=request_id)
+        for handle in handles
+    )
+    await session.flush()
+
+
+async def answer_at(*, session: AsyncSession, platform: str, chat_id: str, message_id: str) -> int | None:
+    """The request whose answer the platform message shows, or None (not an answer)."""
+    return await session.scalar(
+        select(AnswerMessage.request_id).where(
+            AnswerMessage.platform == platform,
+            AnswerMessage.chat_id == chat_id,
+            AnswerMessage.message_id == message_id,
+        )
+    )
 
 
 async def shown_answer(*, session: AsyncSession, user_message_id: int) -> Any | None:
@@ -366,3 +424,91 @@ async def set_blocked(*, session: AsyncSession, platform: str, chat_id: str, blo
             session.add(BlockedChat(platform=platform, chat_id=chat_id))
     except IntegrityError:
         pass
+
+
+async def last_answer(*, session: AsyncSession, conversation_id: int) -> int | None:
+    """The conversation's latest answered request (what /good and /bad rate), or None."""
+    return await session.scalar(
+        select(Request.id)
+        .where(Request.conversation_id == conversation_id, Request.status == "done")
+        .order_by(Request.id.desc())
+        .limit(1)
+    )
+
+
+async def set_rating(
+    *, session: AsyncSession, request_id: int, platform: str, user_id: str, value: int | None
+) -> None:
+    """A person's rating of an answer: +1 or -1 replaces their earlier one; None deletes it."""
+    where = [Rating.request_id == request_id, Rating.platform == platform, Rating.user_id == user_id]
+    if value is None:
+        await session.execute(delete(Rating).where(*where))
+        return
+    updated = await session.execute(update(Rating).where(*where).values(value=value, updated_at=utcnow()))
+    if getattr(updated, "rowcount", 0):
+        return
+    try:
+        async with session.begin_nested():  # two reactions of one person at once
+            session.add(Rating(request_id=request_id, platform=platform, user_id=user_id, value=value))
+    except IntegrityError:
+        await session.execute(update(Rating).where(*where).values(value=value, updated_at=utcnow()))
+
+
+async def ratings(*, session: AsyncSession, request_id: int) -> dict[tuple[str, str], int]:
+    """Every person's rating of one answer: (platform, user id) -> +1 or -1."""
+    rows = await session.execute(
+        select(Rating.platform, Rating.user_id, Rating.value).where(Rating.request_id == request_id)
+    )
+    return {(platform, user): value for platform, user, value in rows.all()}
+
+
+async def rating_of(*, session: AsyncSession, request_id: int, platform: str, user_id: str) -> int | None:
+    return await session.scalar(
+        select(Rating.value).where(
+            Rating.request_id == request_id, Rating.platform == platform, Rating.user_id == user_id
+        )
+    )
+
+
+async def shares(*, session: AsyncSession, platform: str, user_id: str) -> bool:
+    """Whether the person said `/share on` (and not `/share off` since)."""
+    found = await session.scalar(
+        select(ShareConsent.user_id).where(ShareConsent.platform == platform, ShareConsent.user_id == user_id)
+    )
+    return found is not None
+
+
+async def set_share(*, session: AsyncSession, platform: str, user_id: str, share: bool) -> None:
+    where = [ShareConsent.platform == platform, ShareConsent.user_id == user_id]
+    if not share:
+        await session.execute(delete(ShareConsent).where(*where))
+        return
+    if await shares(session=session, platform=platform, user_id=user_id):
+        return
+    try:
+        async with session.begin_nested():
+            session.add(ShareConsent(platform=platform, user_id=user_id))
+    except IntegrityError:
+        pass  # said at the same moment elsewhere: on either way
+
+
+async def access_rules(*, session: AsyncSession) -> dict[str, bool]:
+    """Every admin's word about a person: "platform:id" -> True (/allow) or False (/deny)."""
+    rows = await session.execute(select(AccessRule.platform, AccessRule.user_id, AccessRule.allowed))
+    return {f"{platform}:{user_id}": allowed for platform, user_id, allowed in rows.all()}
+
+
+async def set_access_rule(
+    *, session: AsyncSession, platform: str, user_id: str, allowed: bool, set_by: str
+) -> None:
+    """Store `/allow` (allowed) or `/deny`; it replaces the earlier word about the person."""
+    where = [AccessRule.platform == platform, AccessRule.user_id == user_id]
+    values = {"allowed": allowed, "set_by": set_by[:128], "updated_at": utcnow()}
+    updated = await session.execute(update(AccessRule).where(*where).values(**values))
+    if getattr(updated, "rowcount", 0):
+        return
+    try:
+        async with session.begin_nested():
+            session.add(AccessRule(platform=platform, user_id=user_id, **values))
+    except IntegrityError:
+        await session.execute(update(AccessRule).where(*where).values(**values))

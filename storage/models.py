@@ -1,5 +1,6 @@
-"""The tables: users, conversations, messages, requests (the journal of accepted work) and
-the chats that blocked the bot.
+"""The tables: users, conversations, messages, requests (the journal of accepted work),
+the chats that blocked the bot, the platform messages that show each answer, ratings of
+answers, opt-ins to training export, and the people an admin allowed or denied.
 
 A conversation is keyed by (platform, chat_id, user_key): `user_key` is the user's id,
 or "" when a group chat shares one conversation. Messages are ordered by `turn` then
@@ -122,6 +123,21 @@ class BlockedChat(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class AnswerMessage(Base):
+    """A platform message that shows (part of) an answer: a reaction on it rates that answer.
+
+    Kept in step with `Request.shown` (`crud.set_shown`), which is JSON and cannot be looked
+    up by message. The key is the chat as the conversation names it and the platform's
+    message id; a message that comes to show a newer answer (an edited question) moves to it."""
+
+    __tablename__ = "answer_messages"
+
+    platform: Mapped[str] = mapped_column(String(32), primary_key=True)
+    chat_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"), index=True)
+
+
 class Rating(Base):
     """One person's rating of one answer: +1 (👍) or -1 (👎). A person's latest rating of
     an answer replaces the earlier one; taking the reaction away deletes the row."""
@@ -144,3 +160,17 @@ class ShareConsent(Base):
     platform: Mapped[str] = mapped_column(String(32), primary_key=True)
     user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AccessRule(Base):
+    """An admin's `/allow` (allowed true) or `/deny` (false) of one person, on top of
+    `YANRAY_ALLOWED_USERS`: the latest word about a person replaces the earlier one."""
+
+    __tablename__ = "access_rules"
+
+    platform: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    allowed: Mapped[bool] = mapped_column(Boolean)
+    #: the admin who said it, as platform:id
+    set_by: Mapped[str] = mapped_column(String(128), default="")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

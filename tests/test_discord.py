@@ -275,7 +275,7 @@ async def test_a_slash_command_is_answered_in_the_interactions_locale(make_bot, 
 async def test_slash_command_descriptions_are_localized(make_bot, fake: FakeDiscord) -> None:
     await make_bot(["unused"])
     synced = {c["name"]: c for c in fake.commands}
-    assert set(synced) == {"ask", "reset", "stop", "retry", "history", "system", "lang"}
+    assert set(synced) == {"ask", "reset", "stop", "retry", "history", "system", "lang", "share"}
     for name, about in COMMANDS:
         if name == "help":
             continue  # Discord lists the commands itself

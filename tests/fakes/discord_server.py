@@ -40,7 +40,10 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests.fakes.discord_payloads import DiscordWorld, Msg, snowflake
+from tests.fakes.discord_payloads import DiscordWorld, Msg, member_payload, snowflake
+
+#: the gateway intents that bring reactions (Discord sends none to a client without them)
+GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGE_REACTIONS = 1 << 10, 1 << 13
 
 
 @dataclass
@@ -234,6 +237,28 @@ class FakeDiscord(DiscordWorld):
         )
         await self.dispatch("INTERACTION_CREATE", data)
         return str(data["id"])
+
+    async def react(self, user: dict[str, Any], message_id: str, emoji: str, *, add: bool = True) -> bool:
+        """`user` adds (or removes) the unicode `emoji` on a message: MESSAGE_REACTION_ADD or
+        _REMOVE, sent only to a client that asked for the reactions intent of that kind of
+        channel, as Discord does; returns whether it was sent."""
+        msg = self.messages[message_id]
+        guild = self.in_guild(msg.channel_id)
+        intents = int(self.identifies[-1].get("intents", 0)) if self.identifies else 0
+        if not intents & (GUILD_MESSAGE_REACTIONS if guild else DIRECT_MESSAGE_REACTIONS):
+            return False
+        data: dict[str, Any] = {
+            "user_id": user["id"], "channel_id": msg.channel_id, "message_id": message_id,
+            "emoji": {"id": None, "name": emoji}, "burst": False, "type": 0,
+        }  # fmt: skip
+        if add:
+            data["message_author_id"] = msg.author_id
+        if guild:
+            data["guild_id"] = self.guild_id
+            if add:
+                data["member"] = dict(member_payload(self.member_roles.get(user["id"], [])), user=user)
+        await self.dispatch("MESSAGE_REACTION_ADD" if add else "MESSAGE_REACTION_REMOVE", data)
+        return True
 
     async def drop_gateway(self, code: int = 4000) -> None:
         """Close the gateway socket as a network fault would (4000: the client resumes), or with

@@ -201,6 +201,9 @@ class FakeTelegram:
         #: each command menu set, by its language_code ("" for the default one)
         self.menus: dict[str, list[dict[str, str]]] = {}
         self.webhook_url = ""
+        #: the update types the bot last asked for (getUpdates or setWebhook); as Telegram does,
+        #: reactions are withheld unless asked for (Telegram's default list leaves them out)
+        self.allowed_updates: list[str] | None = None
         self.updates: list[tuple[int, Any]] = []  # (update_id, what getUpdates returns)
         #: the offset of each getUpdates call, in order
         self.polls: list[int] = []
@@ -395,6 +398,33 @@ class FakeTelegram:
         self.user_messages[(chat_id, message_id)] = message
         self._push({"edited_message": message})
 
+    def reaction(
+        self,
+        chat_id: int,
+        user_id: int,
+        message_id: int,
+        new: tuple[str, ...] | list[str],
+        old: tuple[str, ...] | list[str] = (),
+    ) -> int:
+        """A user changes their reactions on a message, from the emoji `old` to `new` (Telegram
+        sends both whole lists); returns the update id."""
+
+        def emoji(items: tuple[str, ...] | list[str]) -> list[dict[str, str]]:
+            return [{"type": "emoji", "emoji": e} for e in items]
+
+        return self._push(
+            {
+                "message_reaction": {
+                    "chat": self._chat(chat_id),
+                    "message_id": message_id,
+                    "user": self._user(user_id),
+                    "date": int(time.time()),
+                    "old_reaction": emoji(old),
+                    "new_reaction": emoji(new),
+                }
+            }
+        )
+
     def _message_json(self, chat_id: int, message_id: int) -> dict[str, Any]:
         sent = self._by_id.get((chat_id, message_id))
         if sent is not None:
@@ -493,6 +523,7 @@ class FakeTelegram:
 
     async def _api_setWebhook(self, params: dict[str, Any]) -> Any:
         self.webhook_url = str(params.get("url", ""))
+        self.allowed_updates = _update_types(params.get("allowed_updates"))
         return True
 
     async def _api_getChatMember(self, params: dict[str, Any]) -> Any:
@@ -524,6 +555,9 @@ class FakeTelegram:
         limit = int(params.get("limit") or 100)
         timeout = float(params.get("timeout") or 0)
         self.polls.append(offset)
+        self.allowed_updates = _update_types(params.get("allowed_updates"))
+        asked = self.allowed_updates or []
+        self.updates = [(uid, u) for uid, u in self.updates if not _withheld(u, asked)]  # never sent
         confirmed = [uid for uid, _ in self.updates if uid < offset] if offset else []
         if confirmed:
             self.updates = [(uid, u) for uid, u in self.updates if uid >= offset]
@@ -540,7 +574,7 @@ class FakeTelegram:
                     break
         finally:
             self.open_polls -= 1
-        return [u for _, u in self.updates[:limit]]
+        return [u for _, u in self.updates if not _withheld(u, asked)][:limit]
 
     def _check_text(self, params: dict[str, Any]) -> tuple[str, str | None, str]:
         text = str(params.get("text") or "")
@@ -626,3 +660,18 @@ class FakeTelegram:
     async def _api_deleteMyCommands(self, params: dict[str, Any]) -> Any:
         self.commands = []
         return True
+
+
+def _update_types(value: Any) -> list[str] | None:
+    """`allowed_updates` as sent: a JSON list in the query, or a list in a JSON body."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return [str(v) for v in value] if isinstance(value, list) else None
+
+
+def _withheld(update: Any, asked: list[str]) -> bool:
+    """Telegram sends reactions only to a bot that asked for them by name."""
+    return isinstance(update, dict) and "message_reaction" in update and "message_reaction" not in asked
