@@ -44,6 +44,9 @@ is remembered and the prompt is rendered whole.
 
 With `compile` on (`YANRAY_COMPILE`; auto: with CUDA), decoding goes through
 `engine/compiled.py`'s static-shape step; a compile failure falls back to the eager step.
+
+The engine counts its work (prefilled tokens, warm hits, batch occupancy, out-of-memory
+errors) in `stats` (`engine/stats.py`); the bot reads them for /metrics and /stats.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from yanray.engine.compiled import CompiledDecode, DecodeStep, compile_enabled, 
 from yanray.engine.fit import Fitter, Key, key_of
 from yanray.engine.generate import SessionState, truncate_cache
 from yanray.engine.kept import KeptCaches
+from yanray.engine.stats import EngineStats, GpuMemory, gpu_memory
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +122,8 @@ class LocalEngine:
         self._generator.manual_seed(seed if seed is not None else random.randrange(2**63))
         self._closed = False
         self.kept = KeptCaches(kv_budget)
+        #: counters for /metrics and /stats (`engine/stats.py`), written on the engine thread
+        self.stats = EngineStats()
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yanray-tokenize")
         self._blocks = fmt.blocks([], ()) is not None
         self._ids: OrderedDict[Key, array[int]] = OrderedDict()  # touched on the tokenizing thread only
@@ -195,6 +201,17 @@ class LocalEngine:
             compile=compile,
             max_batch=max_batch,
         )
+
+    # -- observing ---------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is loaded and answering (false once shut down)."""
+        return self.model is not None and not self._closed
+
+    def memory(self) -> GpuMemory | None:
+        """The GPU memory torch holds for this engine; None on the CPU."""
+        return gpu_memory(self.device)
 
     # -- the protocol ------------------------------------------------------------------
 
@@ -292,6 +309,7 @@ class LocalEngine:
             try:
                 self._admit()
                 self._step()
+                self.stats.batch_rounds = len(self._batch)
             except BaseException as exc:  # a bug here must not leave the rounds waiting forever
                 logger.error("the engine's step loop failed; the rounds in it fail", exc_info=exc)
                 for stream in [*self._batch.streams, *self._joining]:
@@ -302,6 +320,7 @@ class LocalEngine:
                     )
                 self._batch = DecodeBatch(self._new_cache, self._open_decode)
                 self._joining.clear()
+                self.stats.batch_rounds = 0
 
     def _submit(
         self, state: SessionState, options: GenerateOptions, emit: Callable[[str], None]
@@ -323,6 +342,7 @@ class LocalEngine:
                 stream.begin(
                     self.model, max_context=self.max_context, device=self.device, new_cache=self._new_cache
                 )
+                self.stats.prefilled_tokens += stream.prompt_tokens
                 if not stream.advance(self._generator):
                     self._complete(stream)
                     continue
@@ -336,6 +356,8 @@ class LocalEngine:
         """One token for every round in the batch; rounds that end leave it."""
         if not self._batch:
             return
+        self.stats.decode_steps += 1
+        self.stats.decoded_rounds += len(self._batch)
         try:
             self._batch.decode(self.model, self.device)
         except BaseException as exc:
@@ -369,6 +391,7 @@ class LocalEngine:
             self._fail(stream, gone)
         self._joining.clear()
         self.kept.clear()
+        self.stats.warm_bytes = self.stats.batch_rounds = 0
         if self.compiled is not None:
             self.compiled.drop()
         self.model = None
@@ -413,6 +436,7 @@ class LocalEngine:
         if isinstance(exc, EngineError):
             failure = exc
         elif isinstance(exc, torch.OutOfMemoryError):
+            self.stats.out_of_memory += 1
             logger.error(
                 "out of memory while generating (%d tokens in the session)",
                 len(stream.state.tokens),
@@ -422,6 +446,7 @@ class LocalEngine:
                 "The model ran out of memory on this request; try a shorter message or /reset."
             )
             dropped = self.kept.clear()
+            self.stats.warm_bytes = 0
             if self.compiled is not None:
                 self.compiled.drop()
             if dropped:
@@ -440,8 +465,13 @@ class LocalEngine:
     def _warm(self, state: SessionState) -> None:
         """Start from the kept cache sharing the longest prefix with this prompt, if any."""
         found = self.kept.take(state.tokens, self._new_cache)
-        if found is not None:
+        self.stats.warm_bytes = self.kept.used
+        if found is None:
+            self.stats.warm_misses += 1
+        else:
             state.cache, state.cached = found
+            self.stats.warm_hits += 1
+            self.stats.warm_tokens += state.cached
             logger.debug("warm start: %d of %d prompt tokens cached", state.cached, len(state.tokens))
 
     def _open_decode(self, cache: Any, length: int, budget: int) -> DecodeStep | None:
@@ -468,6 +498,8 @@ class LocalEngine:
             except torch.OutOfMemoryError:  # compacting a cut-back cache needs a copy
                 logger.warning("out of memory keeping a conversation; dropped the kept caches")
                 self.kept.clear()
+                self.stats.out_of_memory += 1
+            self.stats.warm_bytes = self.kept.used
         state.cache, state.cached = None, 0
         state.tokens.clear()
 
