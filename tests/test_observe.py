@@ -16,6 +16,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -241,3 +242,59 @@ async def test_stats_answers_admins_in_their_language_and_refuses_others(
     await core.dispatcher.handle(incoming("/stats", "alice"), refused)
     assert await refused.wait() == "Only Yanray's admins (YANRAY_ADMINS) can use /stats."
     assert core.engine.prompts == [core.engine.prompts[0]], "no command reached the model"
+
+
+class DecodeRows:
+    """The rows of every one-token (decode) forward call of the model."""
+
+    def __init__(self, model: Any) -> None:
+        self.seen: list[int] = []
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs["input_ids"]
+        if ids.shape[1] == 1:
+            self.seen.append(int(ids.shape[0]))
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+async def test_engine_metrics_show_warm_hits_and_batch_occupancy(
+    make_settings: Callable[..., Settings], core_factory, random_folder: Path
+) -> None:
+    """The local engine on a tiny random ChatGLM3: two conversations at once, then a second turn
+    of one (a warm start); the scraped counters match what the model was fed."""
+    from yanray.engine.local import LocalEngine
+
+    engine = LocalEngine.load(
+        random_folder, device="cpu", dtype="float32", seed=1, kv_cache_gb=0.05, max_batch=2
+    )
+    try:
+        core = await core_factory(make_settings(tools=[], max_new_tokens=20), engine)
+        rows = DecodeRows(engine.model)
+        first = [RecordingStream(), RecordingStream()]
+        await core.dispatcher.handle(incoming("Tell me about tea.", "alice"), first[0])
+        await core.dispatcher.handle(incoming("Tell me about rain.", "bob"), first[1])
+        for out in first:
+            await out.wait(60)
+        again = RecordingStream()
+        await core.dispatcher.handle(incoming("And about coffee?", "alice"), again)
+        await again.wait(60)
+        await core.wait_idle()
+        rows.close()
+        found = samples(core.metrics.render().decode())
+    finally:
+        await engine.aclose()
+    assert found[("yanray_requests_total", (("status", "done"),))] == 3
+    assert found[("yanray_warm_cache_hits_total", ())] >= 1  # alice's second turn at least
+    assert found[("yanray_warm_cache_hits_total", ())] + found[("yanray_warm_cache_misses_total", ())] == 3
+    assert found[("yanray_warm_cache_reused_tokens_total", ())] > 0
+    assert found[("yanray_warm_cache_bytes", ())] > 0
+    assert found[("yanray_decode_steps_total", ())] == len(rows.seen) > 0
+    assert found[("yanray_decoded_rounds_total", ())] == sum(rows.seen)
+    assert found[("yanray_batch_rounds", ())] == 0
+    assert found[("yanray_batch_slots", ())] == 2
+    assert found[("yanray_out_of_memory_total", ())] == 0
+    assert found[("yanray_prefilled_tokens_total", ())] > 0
+    assert ("yanray_gpu_memory_used_bytes", ()) not in found  # the CPU keeps no such account
