@@ -27,6 +27,7 @@ from tests.fakes.telegram_server import FakeTelegram
 from tests.recording import RecordingAdapter, RecordingStream
 from tests.scripted_engine import ScriptedEngine
 from yanray.bot.listener import StatusListener
+from yanray.bot.metrics import Metrics
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming
 from yanray.engine.base import ChatMessage
@@ -145,6 +146,38 @@ async def test_healthz_is_200_when_well_and_503_naming_an_unreachable_database(
         report["database"].startswith("unreachable: ")
         and "unable to open database file" in report["database"]
     )
+
+
+async def test_healthz_gives_a_database_that_does_not_answer_a_time_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PostgreSQL address where something accepts connections and never answers (a hung
+    server): the check gives up after HEALTH_TIMEOUT_S instead of hanging the healthcheck."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from yanray.bot import listener as listener_module
+    from yanray.storage import Database
+
+    monkeypatch.setattr(listener_module, "HEALTH_TIMEOUT_S", 0.5)
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    db = Database(create_async_engine(f"postgresql+asyncpg://yanray@127.0.0.1:{port}/yanray"))
+    try:
+        async with StatusListener("127.0.0.1", 0, metrics=Metrics()) as listener:
+            listener.attach(engine=ScriptedEngine(), db=db, adapters=[])
+            status, _type, body = await get(listener, "/healthz")
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await db.close()
+    assert status == 503
+    assert json.loads(body)["database"] == "no answer within 0.5 s"
 
 
 async def test_healthz_names_an_adapter_that_is_not_connected(
