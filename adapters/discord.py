@@ -43,6 +43,7 @@ A message whose handling fails gets a one-line apology.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Callable, Hashable
@@ -102,6 +103,7 @@ class DiscordAdapter:
             retry_delays=retry_delays,
             on_blocked=self._note_forbidden,
             max_answers=1000,
+            on_fault=functools.partial(dispatcher.metrics.platform_error, self.platform),
         )
 
     @property
@@ -111,6 +113,12 @@ class DiscordAdapter:
         return self._client
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def online(self) -> bool:
+        """Connected to the gateway (the health check)."""
+        client = self._client
+        return client is not None and self.ready.is_set() and not client.is_closed()
 
     async def start(self) -> None:
         """Log in, sync the slash commands and connect; returns once READY, or raises one line."""

@@ -33,9 +33,14 @@ Handle = int | str  # a sent message, as the sink names it (stored as JSON for r
 class SinkError(YanrayError):
     """A platform call failed; the kind says what the streamer does about it."""
 
+    #: the `kind` label of yanray_platform_errors_total
+    kind = "error"
+
 
 class Flood(SinkError):
     """The platform asks to slow down (Telegram's 429 `retry_after`): wait, then try again."""
+
+    kind = "rate_limited"
 
     def __init__(self, seconds: float, why: str) -> None:
         super().__init__(why)
@@ -45,22 +50,32 @@ class Flood(SinkError):
 class Transient(SinkError):
     """A network fault, a time-out or a 5xx answer: retried with growing pauses."""
 
+    kind = "transient"
+
 
 class Blocked(SinkError):
     """403: the chat refuses the bot (blocked, kicked, no permission) or is gone: go quiet."""
+
+    kind = "blocked"
 
 
 class MessageGone(SinkError):
     """The message to edit or delete no longer exists (someone deleted it)."""
 
+    kind = "gone"
+
 
 class Rejected(SinkError):
     """The platform refuses this write for good (a 400 that no retry can fix)."""
+
+    kind = "rejected"
 
 
 class Moved(SinkError):
     """The sink now writes elsewhere (a slash command's token expired, so the channel takes
     over): the messages sent so far cannot be edited any more, so everything is sent anew."""
+
+    kind = "moved"
 
 
 class Sink(Protocol):
@@ -193,6 +208,12 @@ class StreamerContext:
     background: set[asyncio.Future[None]] = field(default_factory=set)
     #: False once the adapter stopped: previews stop, final texts raise (the core keeps them)
     running: bool = False
+    #: told the kind (`SinkError.kind`) of every platform call that failed, for the metrics
+    on_fault: Callable[[str], None] | None = None
+
+    def fault(self, exc: SinkError) -> None:
+        if self.on_fault is not None:
+            self.on_fault(exc.kind)
 
     def remember(self, key: Hashable, stream: ReplyStreamer) -> None:
         self.answers[key] = stream

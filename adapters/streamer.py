@@ -21,7 +21,8 @@ How an answer appears:
   again (and the messages after it are sent anew, so the order holds);
 - `fail(reason)` keeps the partial answer and adds "⚠️ reason" below it.
 
-Faults: a flood wait (`Flood`) is waited out and the write tried again, so a reply is
+Faults (each failed call is told to `StreamerContext.on_fault`, for the metrics): a flood
+wait (`Flood`) is waited out and the write tried again, so a reply is
 delayed but never dropped; network faults and 5xx answers (`Transient`) are retried with
 the context's growing pauses, and if the final text still fails the error goes to the
 core, which keeps the answer undelivered for the next start. A 403 (`Blocked`) makes the
@@ -226,12 +227,15 @@ class ReplyStreamer:
             try:
                 await self.sink.typing()
             except Blocked as exc:
+                self.ctx.fault(exc)
                 self._blocked(exc)
                 return
             except Flood as exc:
+                self.ctx.fault(exc)
                 await asyncio.sleep(exc.seconds)
                 continue
             except SinkError as exc:
+                self.ctx.fault(exc)
                 logger.debug("%s: the typing action failed: %s", self.sink.key, exc)
             await asyncio.sleep(self.sink.typing_every)
 
@@ -380,14 +384,19 @@ class ReplyStreamer:
             try:
                 return await make()
             except Flood as exc:
+                self.ctx.fault(exc)
                 floods += 1
                 if floods > MAX_FLOOD_WAITS:
                     raise
                 logger.info("%s: flood control, retrying in %.1f s", self.sink.key, exc.seconds)
                 await asyncio.sleep(exc.seconds)
             except Transient as exc:
+                self.ctx.fault(exc)
                 delay = next(delays, None)
                 if delay is None:
                     raise
                 logger.info("%s: %s; retrying in %.2f s", self.sink.key, exc, delay)
                 await asyncio.sleep(delay)
+            except SinkError as exc:  # the rest are the caller's to handle; counted here, once
+                self.ctx.fault(exc)
+                raise

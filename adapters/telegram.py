@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -164,9 +165,15 @@ class TelegramAdapter:
             preview_interval=draft_interval,
             retry_delays=tuple(retry_base * 2**i for i in range(MAX_NETWORK_TRIES - 1)),
             on_blocked=self._on_blocked,
+            on_fault=functools.partial(dispatcher.metrics.platform_error, self.platform),
         )
 
     # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def online(self) -> bool:
+        """Started and taking updates (the health check)."""
+        return self.app is not None and self._source is not None and self.ctx.running
 
     def _bot(self) -> Bot:
         if self.app is None:

@@ -1,7 +1,8 @@
 """The core, built once and passed in: database, queue, engine worker and dispatcher.
 
 `Core.open(settings, engine)` opens the database (running migrations), and wires the
-queue, worker and dispatcher around the given engine. Adapters are added with
+queue, worker and dispatcher around the given engine, all reporting to one `Metrics`
+(`bot/metrics.py`; the entry point may pass its own, which its HTTP listener serves). Adapters are added with
 `add_adapter()` before `start()`, so requests recovered from the journal can be
 answered on their platform. `aclose()` stops the worker; a request it was answering
 stays `running` in storage and is answered again at the next start.
@@ -18,6 +19,7 @@ from yanray.bot.context import MIN_QUESTION_TOKENS
 from yanray.bot.dispatcher import Dispatcher
 from yanray.bot.errors import ConfigError
 from yanray.bot.i18n import LANGUAGES
+from yanray.bot.metrics import Metrics
 from yanray.bot.queue import RequestQueue
 from yanray.bot.settings import Settings
 from yanray.bot.tools import build_tools
@@ -32,10 +34,13 @@ DELIVERY_GRACE = 10.0  # seconds a stored answer may take to go out at shut-down
 
 
 class Core:
-    def __init__(self, *, settings: Settings, db: Database, engine: Engine) -> None:
+    def __init__(
+        self, *, settings: Settings, db: Database, engine: Engine, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.db = db
         self.engine = engine
+        self.metrics = metrics if metrics is not None else Metrics()
         self.queue = RequestQueue(
             max_total=settings.queue_max, max_per_conversation=settings.queue_per_conversation
         )
@@ -45,14 +50,18 @@ class Core:
             engine=engine,
             queue=self.queue,
             tools=build_tools(settings.tools, settings),
+            metrics=self.metrics,
         )
-        self.dispatcher = Dispatcher(settings=settings, db=db, queue=self.queue, worker=self.worker)
+        self.metrics.watch(queue=self.queue, engine=engine)
+        self.dispatcher = Dispatcher(
+            settings=settings, db=db, queue=self.queue, worker=self.worker, metrics=self.metrics
+        )
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, engine: Engine) -> Core:
+    async def open(cls, settings: Settings, engine: Engine, *, metrics: Metrics | None = None) -> Core:
         db = await Database.open(settings.resolved_database_url)
-        core = cls(settings=settings, db=db, engine=engine)
+        core = cls(settings=settings, db=db, engine=engine, metrics=metrics)
         try:
             core.check_context()
         except BaseException:

@@ -18,13 +18,16 @@ import logging
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from yanray.bot.app import Core
 from yanray.bot.errors import AdapterFailed, ConfigError, YanrayError
 from yanray.bot.export_cli import add_export_parser, run_export
+from yanray.bot.listener import StatusListener
+from yanray.bot.logs import formatter
+from yanray.bot.metrics import Metrics
 from yanray.bot.settings import Settings, load_settings
 from yanray.bot.types import Adapter
 from yanray.engine.base import Engine
@@ -71,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure_logging(level: str, form: str = "text") -> None:
+    """Log to standard error at `level`, as lines or JSON lines (`form`, `bot/logs.py`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(form))
+    logging.basicConfig(level=level, handlers=[handler])
     noisy_loggers = (
         "httpx",
         "aiosqlite",
@@ -160,12 +164,41 @@ async def run(settings: Settings) -> None:
         if not failed.done():
             failed.set_result(reason)
 
+    metrics = Metrics()
+    async with status_listener(settings, metrics) as listener:
+        await _run(settings, metrics, listener, stop, failed, adapter_failed)
+    if failed.done():
+        raise AdapterFailed(failed.result())
+
+
+@contextlib.asynccontextmanager
+async def status_listener(settings: Settings, metrics: Metrics) -> AsyncIterator[StatusListener | None]:
+    """The /healthz and /metrics listener (`bot/listener.py`), started first so a taken port
+    stops `yanray run` before the model loads; None when YANRAY_HTTP_LISTEN is empty."""
+    address = settings.http_address
+    if address is None:
+        yield None
+        return
+    async with StatusListener(*address, metrics=metrics) as listener:
+        yield listener
+
+
+async def _run(
+    settings: Settings,
+    metrics: Metrics,
+    listener: StatusListener | None,
+    stop: asyncio.Event,
+    failed: asyncio.Future[str],
+    adapter_failed: Callable[[str], None],
+) -> None:
     engine = await build_engine(settings)
     try:
-        async with await Core.open(settings, engine) as core:
+        async with await Core.open(settings, engine, metrics=metrics) as core:
             adapters = platform_adapters(settings, core, adapter_failed)
             for adapter in adapters:
                 core.add_adapter(adapter)
+            if listener is not None:
+                listener.attach(engine=engine, db=core.db, adapters=adapters)
             started: list[Adapter] = []
             try:
                 for adapter in adapters:
@@ -185,8 +218,6 @@ async def run(settings: Settings) -> None:
                     await adapter.stop()
     finally:
         await engine.aclose()
-    if failed.done():
-        raise AdapterFailed(failed.result())
 
 
 def quantize(src: Path, dst: Path) -> None:
@@ -222,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         if args.command == "quantize":
             quantize(args.src, args.dst)
             return 0

@@ -24,6 +24,8 @@ Where the design is silent:
   `/system` and `/lang` belong to the chat's moderators (`Incoming.moderator`: Telegram group
   administrators, Discord members with Manage Messages) and `YANRAY_ADMINS`; `/stop`
   stops the asker's own answers, and a moderator's stops everyone's.
+- `/stats` (queue, throughput, GPU memory, users, uptime; `bot/stats.py`) answers
+  `YANRAY_ADMINS` only; anyone else gets one line saying so. It is not in the command menus.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ from typing import Any
 from yanray.bot.context import MIN_QUESTION_TOKENS
 from yanray.bot.errors import QueueFull
 from yanray.bot.i18n import LANGUAGE_NAMES, LANGUAGES, N_, normalize, resolve, translator
+from yanray.bot.metrics import Metrics
 from yanray.bot.people import COMMAND_WORDS, People
 from yanray.bot.queue import Job, RequestQueue
 from yanray.bot.settings import Settings
+from yanray.bot.stats import stats_text
 from yanray.bot.types import Incoming, ReplyStream
 from yanray.bot.worker import EngineWorker
 from yanray.storage import Conversation, Database, User, crud
@@ -101,12 +105,20 @@ def queue_notice(position: int, language: str = "en") -> str:
 
 class Dispatcher:
     def __init__(
-        self, *, settings: Settings, db: Database, queue: RequestQueue, worker: EngineWorker
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        queue: RequestQueue,
+        worker: EngineWorker,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.db = db
         self.queue = queue
         self.worker = worker
+        #: the adapters report their platforms' errors here too
+        self.metrics = metrics
         self._refused: set[str] = set()
         self._recent: defaultdict[str, deque[float]] = defaultdict(deque)
         #: ratings, /share, and the admins' /allow and /deny
@@ -149,6 +161,9 @@ class Dispatcher:
             await self.people.command(command, argument, conversation, incoming, out, language)
             if command == "allow":
                 self._refused.discard(argument)  # a later /deny is told once again
+            return
+        if command == "stats":
+            await self._cmd_stats(incoming, out, who)
             return
         if command in ("reset", "stop", "retry", "history", "system", "lang"):
             argument = (match.group(2) or "").strip() if match else ""
@@ -454,6 +469,18 @@ class Dispatcher:
         else:
             await out.send(tr.gettext("Instructions set for this conversation."))
 
+    async def _cmd_stats(self, incoming: Incoming, out: ReplyStream, who: str) -> None:
+        language = await self.language(incoming)
+        if who not in self.settings.admins:
+            logger.info("/stats refused for %s (not in YANRAY_ADMINS)", who)
+            await out.send(
+                translator(language).gettext("Only Yanray's admins (YANRAY_ADMINS) can use /stats.")
+            )
+            return
+        await out.send(
+            await stats_text(metrics=self.metrics, queue=self.queue, db=self.db, language=language)
+        )
+
     async def _cmd_lang(
         self, conversation: Conversation, arg: str, incoming: Incoming, out: ReplyStream, language: str
     ) -> None:
@@ -525,6 +552,7 @@ class Dispatcher:
                 )
                 await crud.mark_delivered(session=session, request_id=job.request_id)
         for job in jobs:
+            self.metrics.request_finished("cancelled")
             await job.out.fail(said[job])
 
     async def _conversation(self, incoming: Incoming) -> Conversation:

@@ -22,6 +22,7 @@ import asyncio
 import bisect
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 
 from yanray.bot.errors import QueueFull
@@ -44,6 +45,8 @@ class Job:
     asker: str = ""
     #: the language the core's own texts about this job are written in ("en", "zh")
     language: str = DEFAULT_LANGUAGE
+    #: when it was queued (`time.monotonic()`), for the queue-wait metric
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 class RequestQueue:

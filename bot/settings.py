@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     database_url: str = ""  # empty: sqlite+aiosqlite:///<data_dir>/yanray.db
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line
+    http_listen: str = "127.0.0.1:8089"  # host:port of /healthz and /metrics; empty: none
 
     # -- engine ------------------------------------------------------------------------
     engine: Literal["local", "openai"] = "local"
@@ -193,6 +195,14 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("http_listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            listen_address(value)
+        return value
+
     @field_validator("discord_gateway_url")
     @classmethod
     def _ws_url(cls, value: str) -> str:
@@ -291,9 +301,23 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'yanray.db').resolve()}"
 
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """(host, port) of the HTTP listener, or None when YANRAY_HTTP_LISTEN is empty."""
+        return listen_address(self.http_listen) if self.http_listen else None
+
     def secret(self, name: str) -> str | None:
         value = getattr(self, name)
         return value.get_secret_value() if value is not None else None
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """ "host:port" ("[::1]:8089" for IPv6; port 0: any free one) as (host, port)."""
+    host, colon, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port, e.g. 127.0.0.1:8089 or 0.0.0.0:8089 (empty: off)")
+    return host, int(port)
 
 
 def _check_toml(path: Path) -> None:

@@ -18,6 +18,11 @@ gets one more round to do so (a call in that round is not run, and not shown). A
 What the user sees is the model's text with the tool-call lines taken out; every round
 and every tool result is kept in `rounds` for storage.
 
+For the metrics, `on_tool(tool, outcome)` hears of every call the model makes, with one
+outcome: ok, error (the tool said why), timeout, refused (argument too long), unknown (no
+such tool), cancelled, repeated (answered from the first identical call) or over_limit
+(past `max_rounds`); `on_round(tokens)` hears of every round's generated tokens.
+
 The model's text is untrusted and may be long: every line is looked at once, in linear
 time, while it streams (`SlashCalls`, `_StreamedRound`), and a call whose argument is longer
 than the tool's `max_argument_chars` is refused before the tool parses anything, with an
@@ -166,9 +171,18 @@ class _StreamedRound:
 class ToolLoop:
     """Runs one answer through the engine session and the enabled tools."""
 
-    def __init__(self, *, tools: Mapping[str, Tool], max_rounds: int) -> None:
+    def __init__(
+        self,
+        *,
+        tools: Mapping[str, Tool],
+        max_rounds: int,
+        on_tool: Callable[[str, str], None] | None = None,
+        on_round: Callable[[int], None] | None = None,
+    ) -> None:
         self.tools = tools
         self.max_rounds = max_rounds
+        self.on_tool = on_tool
+        self.on_round = on_round
         bare = [name for name, tool in tools.items() if tool.argument_optional]
         self._calls = SlashCalls(list(tools), bare=bare) if tools else None
 
@@ -207,6 +221,8 @@ class ToolLoop:
                     on_visible(visible)
 
             generation = await session.generate(opts, on_text)
+            if self.on_round is not None:
+                self.on_round(generation.new_tokens)
             result.finish = generation.finish
             call = None if told else self._find_call(generation)
             if call is None:
@@ -218,13 +234,17 @@ class ToolLoop:
             if calls >= self.max_rounds:
                 # past the limit: the model is told once, then answers without tools
                 observation, told = NO_MORE_TOOLS, True
+                self._outcome(name, "over_limit")
             else:
                 key = (name, json.dumps(arguments, sort_keys=True, default=str))
                 if key in cache:
                     observation = cache[key]
                     logger.info("tool %s repeated with the same arguments; reusing the first result", name)
+                    self._outcome(name, "repeated")
                 else:
-                    observation = cache[key] = await self._run_tool(name, arguments, opts.cancel)
+                    observation, outcome = await self._run_tool(name, arguments, opts.cancel)
+                    cache[key] = observation
+                    self._outcome(name, outcome)
                 calls += 1
             self._record(result, shown, generation, name, observation, stored)
             await session.append(ChatMessage("observation", observation, name))
@@ -232,6 +252,11 @@ class ToolLoop:
                 break
         result.visible = "".join(shown).strip()
         return result
+
+    def _outcome(self, name: str, outcome: str) -> None:
+        if self.on_tool is not None:
+            # a name the model made up is not a label: one "unknown" series, not one per name
+            self.on_tool(name if name in self.tools else "unknown", outcome)
 
     def _strip_calls(self, text: str) -> str:
         return self._calls.strip(text) if self._calls is not None else text
@@ -272,10 +297,14 @@ class ToolLoop:
         tool = self.tools[found[0]]
         return tool.name, ({tool.slash_argument: found[1]} if found[1] else {}), None
 
-    async def _run_tool(self, name: str, arguments: Mapping[str, Any], cancel: threading.Event) -> str:
+    async def _run_tool(
+        self, name: str, arguments: Mapping[str, Any], cancel: threading.Event
+    ) -> tuple[str, str]:
+        """(the observation, the outcome for the metrics)."""
         tool = self.tools.get(name)
         if tool is None:
-            return f"Error: there is no tool named {name!r}; available: {', '.join(self.tools) or 'none'}."
+            available = ", ".join(self.tools) or "none"
+            return f"Error: there is no tool named {name!r}; available: {available}.", "unknown"
         # refused before the tool parses anything: the model learns the limit and can retry
         size = _argument_chars(arguments)
         if size > tool.max_argument_chars:
@@ -283,9 +312,9 @@ class ToolLoop:
             return (
                 f"Error: the {name} argument is {size:,} characters long; "
                 f"the limit is {tool.max_argument_chars:,}. Write a shorter call."
-            )
+            ), "refused"
         if cancel.is_set():
-            return f"Error: the answer was stopped before the {name} tool ran."
+            return f"Error: the answer was stopped before the {name} tool ran.", "cancelled"
         task = asyncio.ensure_future(tool.handler(arguments))
         try:
             async with asyncio.timeout(tool.timeout):
@@ -293,13 +322,13 @@ class ToolLoop:
                 while not task.done():
                     await asyncio.wait({task}, timeout=CANCEL_POLL_S)
                     if not task.done() and cancel.is_set():
-                        return f"Error: the answer was stopped before the {name} tool finished."
-                return task.result()
+                        return f"Error: the answer was stopped before the {name} tool finished.", "cancelled"
+                return task.result(), "ok"
         except ToolError as exc:
-            return f"Error: {exc}"
+            return f"Error: {exc}", "error"
         except TimeoutError:
             logger.warning("tool %s timed out after %.1f s", name, tool.timeout)
-            return f"Error: the {name} tool took longer than {tool.timeout:g} s."
+            return f"Error: the {name} tool took longer than {tool.timeout:g} s.", "timeout"
         finally:
             if not task.done():
                 task.cancel()

@@ -43,12 +43,14 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from yanray.bot.context import system_prompt, too_long
 from yanray.bot.errors import ContextTooLong, DeliveryRefused, EngineError
 from yanray.bot.i18n import N_, normalize, translator
+from yanray.bot.metrics import Metrics
 from yanray.bot.queue import Job, RequestQueue
 from yanray.bot.settings import Settings
 from yanray.bot.toolloop import LoopResult, ToolLoop
@@ -175,13 +177,20 @@ class EngineWorker:
         engine: Engine,
         queue: RequestQueue,
         tools: Mapping[str, Tool],
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.db = db
         self.engine = engine
         self.queue = queue
         self.tools = tools
-        self.loop = ToolLoop(tools=tools, max_rounds=settings.tool_rounds)
+        self.metrics = metrics
+        self.loop = ToolLoop(
+            tools=tools,
+            max_rounds=settings.tool_rounds,
+            on_tool=metrics.tool_called,
+            on_round=metrics.tokens_generated,
+        )
         self.adapters: dict[str, Adapter] = {}
         self.shown = ShownRecorder(db)
         self.idle = asyncio.Event()
@@ -204,6 +213,7 @@ class EngineWorker:
                     await self._slot_freed.wait()
                 job = await self.queue.get()
                 self.queue.begin(job)
+                self.metrics.waited(time.monotonic() - job.queued_at)
                 self.idle.clear()
                 task = asyncio.create_task(self._answer(job), name=f"yanray-request-{job.request_id}")
                 answering.add(task)
@@ -305,6 +315,7 @@ class EngineWorker:
                     request.id,
                     request.attempts,
                 )
+                self.metrics.request_finished("failed")
                 await self._deliver(request.id, out, None, False, interrupted, language)
                 continue
             asker = str(request.route.get("asker", ""))
@@ -404,6 +415,7 @@ class EngineWorker:
     async def _generate(
         self, job: Job, conversation: Conversation, turn: int, base_prompt: str
     ) -> LoopResult:
+        begun = time.monotonic()  # time to first token: reading and fitting the history count
         tools = list(self.tools.values()) if self.settings.tool_rounds > 0 else []
         specs = [t.spec for t in tools] if self.engine.native_tools else []
         system = ChatMessage("system", system_prompt(base_prompt, tools, native=self.engine.native_tools))
@@ -417,9 +429,18 @@ class EngineWorker:
             )
 
         progress = _Progress(job.out)
+        first = True
+
+        def on_visible(visible: Callable[[], str]) -> None:
+            nonlocal first
+            if first:  # the answer's first text: its time to first token
+                first = False
+                self.metrics.first_text(time.monotonic() - begun)
+            progress.update(visible)
+
         session = await self.engine.start(messages, specs)
         try:
-            return await self.loop.run(session, options=options, on_visible=progress.update)
+            return await self.loop.run(session, options=options, on_visible=on_visible)
         finally:
             await session.close()
             await progress.drain()
@@ -451,6 +472,7 @@ class EngineWorker:
             await crud.finish_request(
                 session=session, request_id=job.request_id, status=status, reply_text=reply, error=error
             )
+        self.metrics.request_finished(status)
         if status == "cancelled":
             # Delivered before this conversation's next job starts: an edit's new answer reuses this message.
             # What was already written stays, marked as cut short.

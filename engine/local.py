@@ -46,6 +46,9 @@ is remembered and the prompt is rendered whole.
 
 With `compile` on (`YANRAY_COMPILE`; auto: with CUDA), decoding goes through
 `engine/compiled.py`'s static-shape step; a compile failure falls back to the eager step.
+
+The engine counts its work (prefilled tokens, warm hits, batch occupancy, out-of-memory
+errors) in `stats` (`engine/stats.py`); the bot reads them for /metrics and /stats.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ from yanray.engine.compiled import CompiledDecode, DecodeStep, compile_enabled, 
 from yanray.engine.fit import Fitter, Key, key_of
 from yanray.engine.generate import SessionState, truncate_cache
 from yanray.engine.kept import KeptCaches
+from yanray.engine.stats import EngineStats, GpuMemory, gpu_memory
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +129,8 @@ class LocalEngine:
         self._generator.manual_seed(seed if seed is not None else random.randrange(2**63))
         self._closed = False
         self.kept = KeptCaches(kv_budget)
+        #: counters for /metrics and /stats (`engine/stats.py`), written on the engine thread
+        self.stats = EngineStats()
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yanray-tokenize")
         self._blocks = fmt.blocks([], ()) is not None
         self._ids: OrderedDict[Key, array[int]] = OrderedDict()  # touched on the tokenizing thread only
@@ -204,6 +210,17 @@ class LocalEngine:
             compile=compile,
             max_batch=max_batch,
         )
+
+    # -- observing ---------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is loaded and answering (false once shut down)."""
+        return self.model is not None and not self._closed
+
+    def memory(self) -> GpuMemory | None:
+        """The GPU memory torch holds for this engine; None on the CPU."""
+        return gpu_memory(self.device)
 
     # -- the protocol ------------------------------------------------------------------
 
@@ -305,6 +322,7 @@ class LocalEngine:
             try:
                 self._admit()
                 self._step()
+                self.stats.batch_rounds = len(self._batch)
             except BaseException as exc:  # a bug here must not leave the rounds waiting forever
                 logger.error("the engine's step loop failed; the rounds in it fail", exc_info=exc)
                 for stream in [*self._batch.streams, *self._joining]:
@@ -315,6 +333,7 @@ class LocalEngine:
                     )
                 self._batch = DecodeBatch(self._new_cache, self._open_decode)
                 self._joining.clear()
+                self.stats.batch_rounds = 0
 
     def _submit(
         self, state: SessionState, options: GenerateOptions, emit: Callable[[str], None]
@@ -337,7 +356,10 @@ class LocalEngine:
                     if state.cache is None and state.cached == 0:
                         self._warm(state)
                     stream.begin(max_context=self.max_context, new_cache=self._new_cache)
-                if not stream.feed(self.model, self.device, self.join_chunk if self._batch else None):
+                fed_from = stream.state.cached
+                done = stream.feed(self.model, self.device, self.join_chunk if self._batch else None)
+                self.stats.prefilled_tokens += stream.state.cached - fed_from
+                if not done:
                     if not stream.options.cancel.is_set():
                         return  # the rest after the others' next step
                     stream.finish = "cancelled"  # the rest of its prompt is prefilled next round
@@ -360,6 +382,8 @@ class LocalEngine:
         """One token for every round in the batch; rounds that end leave it."""
         if not self._batch:
             return
+        self.stats.decode_steps += 1
+        self.stats.decoded_rounds += len(self._batch)
         try:
             self._batch.decode(self.model, self.device)
         except BaseException as exc:
@@ -393,6 +417,7 @@ class LocalEngine:
             self._fail(stream, gone)
         self._joining.clear()
         self.kept.clear()
+        self.stats.warm_bytes = self.stats.batch_rounds = 0
         if self.compiled is not None:
             self.compiled.drop()
         self.model = None
@@ -437,6 +462,7 @@ class LocalEngine:
         if isinstance(exc, EngineError):
             failure = exc
         elif isinstance(exc, torch.OutOfMemoryError):
+            self.stats.out_of_memory += 1
             logger.error(
                 "out of memory while generating (%d tokens in the session)",
                 len(stream.state.tokens),
@@ -446,6 +472,7 @@ class LocalEngine:
                 "The model ran out of memory on this request; try a shorter message or /reset."
             )
             dropped = self.kept.clear()
+            self.stats.warm_bytes = 0
             if self.compiled is not None:
                 self.compiled.drop()
             if dropped:
@@ -464,8 +491,13 @@ class LocalEngine:
     def _warm(self, state: SessionState) -> None:
         """Start from the kept cache sharing the longest prefix with this prompt, if any."""
         found = self.kept.take(state.tokens, self._new_cache)
-        if found is not None:
+        self.stats.warm_bytes = self.kept.used
+        if found is None:
+            self.stats.warm_misses += 1
+        else:
             state.cache, state.cached = found
+            self.stats.warm_hits += 1
+            self.stats.warm_tokens += state.cached
             logger.debug("warm start: %d of %d prompt tokens cached", state.cached, len(state.tokens))
 
     def _open_decode(self, cache: Any, length: int, budget: int) -> DecodeStep | None:
@@ -492,6 +524,8 @@ class LocalEngine:
             except torch.OutOfMemoryError:  # compacting a cut-back cache needs a copy
                 logger.warning("out of memory keeping a conversation; dropped the kept caches")
                 self.kept.clear()
+                self.stats.out_of_memory += 1
+            self.stats.warm_bytes = self.kept.used
         state.cache, state.cached = None, 0
         state.tokens.clear()
 

@@ -7,6 +7,7 @@ together: the request is marked done in the same transaction that stores the rep
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select, update
@@ -403,6 +404,17 @@ async def request_counts(*, session: AsyncSession) -> dict[str, int]:
     """How many requests are in each status (for tests, benchmarks and the log)."""
     rows = await session.execute(select(Request.status, func.count()).group_by(Request.status))
     return {status: count for status, count in rows.all()}
+
+
+async def user_counts(*, session: AsyncSession, since: datetime) -> tuple[int, int]:
+    """(users known, users who wrote a message since `since`), for /stats."""
+    known = await session.scalar(select(func.count()).select_from(User))
+    active = await session.scalar(
+        select(func.count(func.distinct(Message.user_id))).where(
+            Message.user_id.is_not(None), Message.created_at >= since
+        )
+    )
+    return int(known or 0), int(active or 0)
 
 
 async def blocked_chats(*, session: AsyncSession, platform: str) -> set[str]:

@@ -30,7 +30,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event, inspect
+from sqlalchemy import Connection, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, InvalidRequestError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -183,6 +183,15 @@ class Database:
             # ended by a commit (it wrote nothing), which unlike a rollback leaves what was read loaded
             await session.connection(execution_options={READ_ONLY: True})
             yield session
+
+    async def ping(self) -> None:
+        """One trivial query on a connection of the pool (the health check); raises
+        `StorageError` with the driver's words when the database does not answer it."""
+        try:
+            async with self.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except (SQLAlchemyError, OSError) as exc:
+            raise StorageError(_reason(exc)) from exc
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -2,7 +2,8 @@
 
 It implements the real `Engine` protocol: sessions keep the message list, `generate`
 streams the scripted text in small pieces on the event loop, honours `stop_at`, the
-cancel flag and `max_new_tokens` (counted in pieces), and `append` adds observations.
+cancel flag and `max_new_tokens` (counted in pieces; `new_tokens` reports the pieces), and
+`append` adds observations.
 `fit` applies the engines' shared rules (`engine/fit.py`) over `count_tokens`.
 `fail_with` makes it fail at once, `fail_after` once the reply was streamed.
 Every session's prompts are recorded in `engine.prompts`, so a test can assert what
@@ -68,7 +69,7 @@ class ScriptedSession:
         if engine.fail_after is not None:  # the model breaks down after writing the reply
             raise EngineError(engine.fail_after)
         self.messages.append(ChatMessage("assistant", text))
-        return Generation(text=text, finish=finish)  # type: ignore[arg-type]
+        return Generation(text=text, finish=finish, new_tokens=len(parts))  # type: ignore[arg-type]
 
     async def append(self, message: ChatMessage) -> None:
         self.messages.append(message)

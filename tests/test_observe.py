@@ -1,0 +1,333 @@
+"""Observability: /metrics and /healthz over the real HTTP listener, JSON logs, /stats.
+
+The metrics are scraped with a real HTTP request from the listener on an ephemeral port,
+after conversations through the real Telegram adapter (PTB against the fake Bot API, whose
+flood injection gives the 429), the real worker, tool loop and calculator, and a scripted
+engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fakes.telegram_harness import running_bot, telegram_settings
+from tests.fakes.telegram_server import FakeTelegram
+from tests.recording import RecordingAdapter, RecordingStream
+from tests.scripted_engine import ScriptedEngine
+from yanray.bot.listener import StatusListener
+from yanray.bot.metrics import Metrics
+from yanray.bot.settings import Settings
+from yanray.bot.types import Incoming
+from yanray.engine.base import ChatMessage
+
+pytestmark = pytest.mark.asyncio
+
+ALICE, BOB, CAROL = 3001, 3002, 3003
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text exposition: (name, sorted labels) -> value."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def get(listener: StatusListener, path: str) -> tuple[int, str, str]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{listener.port}{path}") as response,
+    ):
+        return response.status, response.headers["Content-Type"], await response.text()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTelegram]:
+    async with FakeTelegram() as server:
+        yield server
+
+
+def calculating(messages: list[ChatMessage]) -> str:
+    """Asked to calculate: calls the calculator, then answers with its result."""
+    last = messages[-1]
+    if last.role == "observation":
+        return f"It is {last.content.removeprefix('Tools:').strip()}."
+    if "calculate" in last.content:
+        return "/calculate 6*7\n"
+    return "Hello there."
+
+
+async def test_metrics_count_requests_tools_tokens_and_a_429_with_their_labels(
+    fake: FakeTelegram, make_settings: Callable[..., Settings]
+) -> None:
+    engine = ScriptedEngine(responder=calculating, piece=3)
+    settings = telegram_settings(fake, make_settings(), tools=["calculate"])
+    async with running_bot(fake, settings, engine) as bot:
+        listener = StatusListener("127.0.0.1", 0, metrics=bot.core.metrics)
+        async with listener:
+            listener.attach(engine=engine, db=bot.core.db, adapters=[bot.adapter])
+            status, _type, before = await get(listener, "/metrics")
+            assert status == 200
+            assert samples(before)[("yanray_requests_total", (("status", "done"),))] == 0
+
+            fake.fail("sendMessage", "flood", retry_after=1)  # Alice's answer meets a 429 first
+            fake.private_text(ALICE, "hi")
+            await fake.wait_for(lambda: fake.messages(ALICE) == ["Hello there."], within=8)
+            fake.private_text(BOB, "please calculate six times seven")
+            await fake.wait_for(lambda: fake.messages(BOB) == ["It is 42."], within=15)
+            engine.fail_with = "The model broke."
+            fake.private_text(CAROL, "hi")
+            await fake.wait_for(lambda: any("The model broke." in m for m in fake.messages(CAROL)), within=8)
+            await bot.settled()
+
+            status, content_type, text = await get(listener, "/metrics")
+    assert status == 200 and content_type.startswith("text/plain")
+    found = samples(text)
+    assert found[("yanray_requests_total", (("status", "done"),))] == 2
+    assert found[("yanray_requests_total", (("status", "failed"),))] == 1
+    assert found[("yanray_requests_total", (("status", "cancelled"),))] == 0
+    assert found[("yanray_tool_calls_total", (("outcome", "ok"), ("tool", "calculate")))] == 1
+    assert found[("yanray_platform_errors_total", (("kind", "rate_limited"), ("platform", "telegram")))] == 1
+    assert found[("yanray_queue_wait_seconds_count", ())] == 3
+    # the answers with text: Alice's and Bob's (Carol's engine failed before any text)
+    assert found[("yanray_time_to_first_token_seconds_count", ())] == 2
+    # pieces of 3 characters: "Hello there." is 4, "/calculate 6*7\n" 5 and "It is 42." 3
+    assert found[("yanray_generated_tokens_total", ())] == 12
+    assert found[("yanray_queue_depth", ())] == 0
+    assert found[("yanray_requests_running", ())] == 0
+    assert ("yanray_gpu_memory_used_bytes", ()) not in found  # the scripted engine reports none
+
+
+async def test_healthz_is_200_when_well_and_503_naming_an_unreachable_database(
+    make_settings: Callable[..., Settings], core_factory, tmp_path: Path
+) -> None:
+    core = await core_factory(make_settings(tools=[]), ScriptedEngine())
+    async with StatusListener("127.0.0.1", 0, metrics=core.metrics) as listener:
+        status, _type, body = await get(listener, "/healthz")
+        assert (status, json.loads(body)) == (503, {"status": "starting", "engine": "loading"})
+
+        listener.attach(engine=core.engine, db=core.db, adapters=[RecordingAdapter("test")])
+        status, content_type, body = await get(listener, "/healthz")
+        assert status == 200 and content_type.startswith("application/json")
+        assert json.loads(body) == {
+            "status": "ok",
+            "engine": "ok",
+            "database": "ok",
+            "adapters": {"test": "ok"},
+        }
+
+        # the database's folder is gone (a disk unmounted): no connection can open the file
+        await core.db.engine.dispose()
+        data = tmp_path / "data"
+        shutil.move(data, tmp_path / "moved")
+        data.write_text("not a folder")
+        try:
+            status, _type, body = await get(listener, "/healthz")
+        finally:
+            data.unlink()
+            shutil.move(tmp_path / "moved", data)
+    report = json.loads(body)
+    assert status == 503
+    assert report["status"] == "unhealthy" and report["engine"] == "ok"
+    assert (
+        report["database"].startswith("unreachable: ")
+        and "unable to open database file" in report["database"]
+    )
+
+
+async def test_healthz_gives_a_database_that_does_not_answer_a_time_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PostgreSQL address where something accepts connections and never answers (a hung
+    server): the check gives up after HEALTH_TIMEOUT_S instead of hanging the healthcheck."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from yanray.bot import listener as listener_module
+    from yanray.storage import Database
+
+    monkeypatch.setattr(listener_module, "HEALTH_TIMEOUT_S", 0.5)
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    db = Database(create_async_engine(f"postgresql+asyncpg://yanray@127.0.0.1:{port}/yanray"))
+    try:
+        async with StatusListener("127.0.0.1", 0, metrics=Metrics()) as listener:
+            listener.attach(engine=ScriptedEngine(), db=db, adapters=[])
+            status, _type, body = await get(listener, "/healthz")
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await db.close()
+    assert status == 503
+    assert json.loads(body)["database"] == "no answer within 0.5 s"
+
+
+async def test_healthz_names_an_adapter_that_is_not_connected(
+    fake: FakeTelegram, make_settings: Callable[..., Settings]
+) -> None:
+    async with running_bot(fake, telegram_settings(fake, make_settings()), ScriptedEngine()) as bot:
+        listener = StatusListener("127.0.0.1", 0, metrics=bot.core.metrics)
+        async with listener:
+            listener.attach(engine=bot.core.engine, db=bot.core.db, adapters=[bot.adapter])
+            assert (await get(listener, "/healthz"))[0] == 200
+            await bot.adapter.stop()
+            status, _type, body = await get(listener, "/healthz")
+    assert status == 503
+    assert json.loads(body)["adapters"] == {"telegram": "not connected"}
+
+
+async def test_a_taken_port_is_one_line_and_json_logs_parse(tmp_path: Path) -> None:
+    """`yanray run` with YANRAY_HTTP_LISTEN on a port in use: one line on standard error, exit
+    status 2, before any model loads; with YANRAY_LOG_FORMAT=json every log line is an object."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("YANRAY_")}
+    environ.update(
+        YANRAY_DATA_DIR=str(tmp_path / "data"),
+        YANRAY_TELEGRAM_TOKEN="123:fake",
+        YANRAY_HTTP_LISTEN=f"127.0.0.1:{port}",
+        YANRAY_LOG_FORMAT="json",
+        YANRAY_LOG_LEVEL="DEBUG",
+        YANRAY_MODEL=str(tmp_path / "no-model-here"),
+    )
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "yanray.bot.cli",
+            "run",
+            env=environ,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _out, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        taken.close()
+    assert process.returncode == 2
+    *logged, last = err.decode().splitlines()
+    assert last.startswith(f"yanray: bad setting: YANRAY_HTTP_LISTEN=127.0.0.1:{port}: cannot listen there")
+    assert logged, "DEBUG logs the stop with its traceback"
+    records = [json.loads(line) for line in logged]
+    assert all({"time", "level", "logger", "message"} <= record.keys() for record in records)
+    stopped = [r for r in records if r["logger"] == "yanray" and r["message"].startswith("stopped: ")]
+    assert len(stopped) == 1 and stopped[0]["level"] == "DEBUG"
+    assert "Traceback" in stopped[0]["exception"] and "ConfigError" in stopped[0]["exception"]
+
+
+def incoming(text: str, user: str, language: str | None = None) -> Incoming:
+    return Incoming(
+        platform="test",
+        chat_id=user,
+        user_id=user,
+        display_name=user,
+        text=text,
+        route={"chat": user},
+        language=language,
+    )
+
+
+async def test_stats_answers_admins_in_their_language_and_refuses_others(
+    make_settings: Callable[..., Settings], core_factory
+) -> None:
+    core = await core_factory(make_settings(tools=[], admins=["test:boss"]), ScriptedEngine(["Hi!"]))
+    question = RecordingStream()
+    await core.dispatcher.handle(incoming("hello", "alice"), question)
+    assert await question.wait() == "Hi!"
+    await core.wait_idle()
+
+    out = RecordingStream()
+    await core.dispatcher.handle(incoming("/stats", "boss"), out)
+    text = await out.wait()
+    assert text is not None and text.startswith("📊 Yanray, up for 0 min")
+    assert "Queue: 0 waiting, 0 of 1 being answered" in text
+    assert "Answers since start: 1 done, 0 failed, 0 stopped" in text
+    assert "GPU memory: none in use (CPU or remote engine)" in text
+    # alice asked; the boss only has a conversation (the /stats command wrote no message)
+    assert "Users: 2 known, 1 active in the last 24 h" in text
+    assert "tokens/s over the last 5 min" in text
+
+    chinese = RecordingStream()
+    await core.dispatcher.handle(incoming("/stats", "boss", language="zh-hans"), chinese)
+    shown = await chinese.wait()
+    assert shown is not None and "队列" in shown and "Queue" not in shown
+
+    refused = RecordingStream()
+    await core.dispatcher.handle(incoming("/stats", "alice"), refused)
+    assert await refused.wait() == "Only Yanray's admins (YANRAY_ADMINS) can use /stats."
+    assert core.engine.prompts == [core.engine.prompts[0]], "no command reached the model"
+
+
+class DecodeRows:
+    """The rows of every one-token (decode) forward call of the model."""
+
+    def __init__(self, model: Any) -> None:
+        self.seen: list[int] = []
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs["input_ids"]
+        if ids.shape[1] == 1:
+            self.seen.append(int(ids.shape[0]))
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+async def test_engine_metrics_show_warm_hits_and_batch_occupancy(
+    make_settings: Callable[..., Settings], core_factory, random_folder: Path
+) -> None:
+    """The local engine on a tiny random ChatGLM3: two conversations at once, then a second turn
+    of one (a warm start); the scraped counters match what the model was fed."""
+    from yanray.engine.local import LocalEngine
+
+    engine = LocalEngine.load(
+        random_folder, device="cpu", dtype="float32", seed=1, kv_cache_gb=0.05, max_batch=2
+    )
+    try:
+        core = await core_factory(make_settings(tools=[], max_new_tokens=20), engine)
+        rows = DecodeRows(engine.model)
+        first = [RecordingStream(), RecordingStream()]
+        await core.dispatcher.handle(incoming("Tell me about tea.", "alice"), first[0])
+        await core.dispatcher.handle(incoming("Tell me about rain.", "bob"), first[1])
+        for out in first:
+            await out.wait(60)
+        again = RecordingStream()
+        await core.dispatcher.handle(incoming("And about coffee?", "alice"), again)
+        await again.wait(60)
+        await core.wait_idle()
+        rows.close()
+        found = samples(core.metrics.render().decode())
+    finally:
+        await engine.aclose()
+    assert found[("yanray_requests_total", (("status", "done"),))] == 3
+    assert found[("yanray_warm_cache_hits_total", ())] >= 1  # alice's second turn at least
+    assert found[("yanray_warm_cache_hits_total", ())] + found[("yanray_warm_cache_misses_total", ())] == 3
+    assert found[("yanray_warm_cache_reused_tokens_total", ())] > 0
+    assert found[("yanray_warm_cache_bytes", ())] > 0
+    assert found[("yanray_decode_steps_total", ())] == len(rows.seen) > 0
+    assert found[("yanray_decoded_rounds_total", ())] == sum(rows.seen)
+    assert found[("yanray_batch_rounds", ())] == 0
+    assert found[("yanray_batch_slots", ())] == 2
+    assert found[("yanray_out_of_memory_total", ())] == 0
+    assert found[("yanray_prefilled_tokens_total", ())] > 0
+    assert ("yanray_gpu_memory_used_bytes", ()) not in found  # the CPU keeps no such account
