@@ -195,6 +195,19 @@ async def test_hostile_range_bounds_are_refused_too(calc: Calculator, tmp_path: 
     assert not target.exists()
 
 
+def test_the_plot_worker_runs_under_the_calculators_limits(calc: Calculator) -> None:
+    """matplotlib is loaded before the limits are set; every plot is drawn under them."""
+    proc = calc._worker._proc
+    assert proc is not None and proc.poll() is None
+    limits = Path(f"/proc/{proc.pid}/limits").read_text().splitlines()
+    address_space = next(line for line in limits if line.startswith("Max address space"))
+    assert address_space.split()[3:5] == [str(512 * 2**20)] * 2
+    file_size = next(line for line in limits if line.startswith("Max file size"))
+    assert file_size.split()[3:5] == ["0", "0"]
+    cpu = next(line for line in limits if line.startswith("Max cpu time"))
+    assert cpu.split()[3] != "unlimited"
+
+
 def test_the_worker_checks_a_plot_it_is_sent_again(calc: Calculator) -> None:
     import threading
 

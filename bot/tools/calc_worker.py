@@ -221,8 +221,7 @@ def _set_cpu_budget(seconds: float) -> None:
 
 
 def _load_plotting() -> None:
-    """Import numpy and matplotlib (Agg) now, before the first plot's time limit starts; a
-    font cache matplotlib cannot write (RLIMIT_FSIZE 0) is only a warning on its log."""
+    """Import numpy and matplotlib (Agg) now, before the first plot's time limit starts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,14 +249,16 @@ def main(argv: list[str]) -> int:
 
     # a write past RLIMIT_FSIZE fails with EFBIG instead of killing the worker
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    _set_limits(int(argv[0]) if argv else 512 * 2**20)
-    builder = _Builder()
     protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # a stray print from any library must not corrupt the protocol
     sys.stdout = sys.stderr
     warnings.simplefilter("ignore")
     if "plot" in argv[1:]:
+        # before the limits, while no request has been read: matplotlib may write its font
+        # cache once (under RLIMIT_FSIZE 0 it would leave an empty file and rebuild each start)
         _load_plotting()
+    _set_limits(int(argv[0]) if argv else 512 * 2**20)
+    builder = _Builder()
     protocol.write('{"ready": true}\n')
     protocol.flush()
     for line in sys.stdin:
