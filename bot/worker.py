@@ -428,6 +428,9 @@ class EngineWorker:
                 except (DeliveryRefused, AdapterStopped) as exc:
                     logger.warning("request %d: an image could not be sent: %s", job.request_id, exc)
                     return "the chat service did not take the picture"
+                except Exception:  # a picture never costs the answer: it goes on without it
+                    logger.exception("request %d: an image could not be sent", job.request_id)
+                    return "the chat service did not take the picture"
             return None
 
         session = await self.engine.start(messages, specs)

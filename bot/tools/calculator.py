@@ -26,7 +26,9 @@ calls, and restarted after any kill, crash or MemoryError. Calls are serialised 
 over pipes (no pickle). The blocking pipe I/O runs in the loop's default executor, so
 the event loop never blocks and the `Calculator` is not tied to one event loop;
 cancelling a call kills the worker if that call is running. The worker exits by itself
-when its stdin closes, so it never outlives the bot.
+when its stdin closes, so it never outlives the bot. The plot tool (`plot.py`) sends its
+requests to the same kind of worker (`Calculator(plot=True)` loads matplotlib at start);
+with both tools enabled they share one.
 """
 
 from __future__ import annotations

@@ -102,8 +102,8 @@ class _Sampler:
             return product
         if isinstance(node, sp.Pow):
             base, exponent = node.args
-            if exponent.is_Integer and not base.free_symbols - {self.x} and abs(int(exponent)) <= 64:
-                return self(base) ** int(exponent)  # exact for negative bases
+            if exponent.is_Integer and abs(int(exponent)) <= 64:
+                return self(base) ** int(exponent)  # repeated products: exact for negative bases
             return np.power(self(base), self(exponent))
         function = self.table.get(node.func)
         if function is not None and not (node.func is sp.log and len(node.args) != 1):
