@@ -160,6 +160,7 @@ async def test_functions_outside_numpys_table_are_drawn_point_by_point(calc: Cal
         ("sqrt(x) x from -5 to -1", "has no real values (complex results only); nothing to plot"),
         ("0**x x from -2 to -1", "is undefined or infinite everywhere; nothing to plot"),
         ("solve(x**2-4, x)", "cannot be plotted"),
+        ("integrate(x**x, x)", "sympy left integrate(x**x, x) unevaluated (no closed form); nothing to plot"),
     ],
 )
 async def test_what_cannot_be_drawn_is_one_line(calc: Calculator, argument: str, message: str) -> None:

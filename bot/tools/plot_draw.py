@@ -164,6 +164,8 @@ def draw(builder: Any, argument: str) -> dict[str, Any]:
     shown = f"{shorten(expression)} for x from {a_text} to {b_text}"
     not_real, not_finite = int(np.count_nonzero(finite & ~real)), int(np.count_nonzero(~finite))
     if not real.any():
+        if expr.has(sp.Integral, sp.Sum, sp.Limit):
+            raise CalcError(f"sympy left {shorten(expression)} unevaluated (no closed form); nothing to plot")
         if not_real >= not_finite:
             raise CalcError(f"{shown} has no real values (complex results only); nothing to plot")
         raise CalcError(f"{shown} is undefined or infinite everywhere; nothing to plot")
