@@ -6,6 +6,9 @@ followed by a blank line, and exits at end of input; lines are answered in order
 before the next is read. Only the conversation goes to standard output; logs go to
 standard error.
 
+A picture a tool draws (the plot) is saved under the data folder, in `images/`, and its
+path printed where it comes in the answer, as `[caption: /path/to/file.png]`.
+
 Input is untrusted like any other: bytes that are not UTF-8 are read as U+FFFD (the line
 is answered, and the rest of the input is not dropped), and a line is read at most
 `MAX_LINE_CHARS` at a time, so an endless line is refused as too long without ever being
@@ -23,15 +26,21 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from yanray.bot.dispatcher import MAX_MESSAGE_CHARS, Dispatcher
+from yanray.bot.errors import DeliveryRefused
 from yanray.bot.i18n import environment_hint
-from yanray.bot.types import Incoming, ReplyStream, Route
+from yanray.bot.types import Image, Incoming, ReplyStream, Route
+
+logger = logging.getLogger(__name__)
 
 PROMPT = "you> "
 #: one more than a message may have, so that an overlong line is seen to be overlong
@@ -39,13 +48,16 @@ MAX_LINE_CHARS = MAX_MESSAGE_CHARS + 1
 
 
 class ConsoleStream:
-    """Prints one answer; `done` is set once it is complete."""
+    """Prints one answer; `done` is set once it is complete. An image is saved as a file in
+    `images` and its path printed where it comes in the answer: `[caption: path]`."""
 
-    def __init__(self, output: TextIO, *, streaming: bool) -> None:
+    def __init__(self, output: TextIO, *, streaming: bool, images: Path | None = None) -> None:
         self.output = output
         self.streaming = streaming
+        self.images = images
         self.done = asyncio.Event()
         self._printed = ""
+        self._latest = ""
 
     def _write(self, text: str) -> None:
         self.output.write(text)
@@ -63,9 +75,26 @@ class ConsoleStream:
         pass
 
     async def progress(self, text: str) -> None:
-        if self.streaming and text.startswith(self._printed):
-            self._write(text[len(self._printed) :])
-            self._printed = text
+        self._latest = text
+        if self.streaming:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        if self._latest.startswith(self._printed):
+            self._write(self._latest[len(self._printed) :])
+            self._printed = self._latest
+
+    async def image(self, image: Image) -> None:
+        if self.images is None:
+            raise DeliveryRefused("the terminal has no folder for images")
+        try:
+            path = await asyncio.to_thread(_save, self.images, image)
+        except OSError as exc:
+            logger.warning("could not save an image in %s: %s", self.images, exc)
+            raise DeliveryRefused(f"could not save the image ({exc.strerror or exc})") from exc
+        self._catch_up()  # the reply so far first, also when replies print whole
+        lead = "\n" if self._printed and not self._printed.endswith("\n") else ""
+        self._write(f"{lead}[{image.caption or image.name}: {path}]\n")
 
     async def finish(self, text: str) -> None:
         shown = self._printed.strip()  # the final text is stripped; what streamed may not be
@@ -83,6 +112,16 @@ class ConsoleStream:
         """A terminal cannot edit what it printed; a restarted `yanray chat` prints anew."""
 
 
+def _save(folder: Path, image: Image) -> Path:
+    """Write `image` to a new file in `folder` (made if missing); returns its absolute path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}-{Path(image.name).name}"
+    path = (folder / name).resolve()
+    with open(path, "xb") as file:
+        file.write(image.data)
+    return path
+
+
 class ConsoleAdapter:
     platform = "console"
 
@@ -94,8 +133,11 @@ class ConsoleAdapter:
         stdout: TextIO | None = None,
         user: str = "local",
         language: str | None = None,
+        images: Path | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        #: where pictures (a tool's plot) are saved; their path is printed in the answer
+        self.images = images
         #: the terminal's language tag (`language` or the environment's)
         self.language = language or environment_hint(os.environ)
         self.stdin = stdin or sys.stdin
@@ -111,7 +153,7 @@ class ConsoleAdapter:
         self._run = f"{time.time_ns():x}"
 
     def reopen(self, route: Route) -> ReplyStream:
-        return ConsoleStream(self.stdout, streaming=self.interactive)
+        return ConsoleStream(self.stdout, streaming=self.interactive, images=self.images)
 
     async def start(self) -> None:
         pass
@@ -140,7 +182,7 @@ class ConsoleAdapter:
             if not text.strip():
                 continue
             self._count += 1
-            stream = ConsoleStream(self.stdout, streaming=self.interactive)
+            stream = ConsoleStream(self.stdout, streaming=self.interactive, images=self.images)
             incoming = Incoming(
                 platform=self.platform,
                 chat_id=self.user,

@@ -5,7 +5,8 @@ A sink does one REST call per method (after waiting for the gateway to be ready)
 discord.py's errors into the streamer's kinds: 403, and a 404 on sending (the channel is
 gone), `Blocked`; a 404 on an edit or delete `MessageGone`; 5xx, connection errors and a
 429 that discord.py did not handle itself (no `Via` header: a Cloudflare block)
-`Transient`; any other 4xx `Rejected`. A part is at most 2000 characters. Every send and
+`Transient`; any other 4xx `Rejected`. A part is at most 2000 characters. A picture is a
+message with the PNG as an attachment (a multipart upload) and its caption escaped. Every send and
 edit carries `NO_PINGS` (`AllowedMentions.none()`), so no text Yanray posts can ping
 @everyone, @here, a role or a user, the asker included (they see the answer as a reply).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,6 +27,7 @@ import aiohttp
 import discord
 
 from yanray.adapters.sink import Blocked, Handle, MessageGone, Moved, Rejected, Transient
+from yanray.bot.types import Image
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,15 @@ async def _translated(*, sending: bool = False) -> AsyncIterator[None]:
         raise Rejected(str(exc)) from exc
     except TRANSIENT as exc:
         raise Transient(str(exc) or type(exc).__name__) from exc
+
+
+def _file(image: Image) -> discord.File:
+    return discord.File(io.BytesIO(image.data), filename=image.name)
+
+
+def _caption(image: Image) -> str | None:
+    """The caption as plain text: Discord would read `x**2` as bold."""
+    return discord.utils.escape_markdown(image.caption)[:LIMIT] or None
 
 
 class _DiscordSink:
@@ -123,6 +135,14 @@ class ChannelSink(_DiscordSink):
         async with _translated():
             await self.wait_ready()
             await self.channel.typing()
+
+    async def photo(self, image: Image) -> Handle:
+        async with _translated(sending=True):
+            await self.wait_ready()
+            message = await self.channel.send(
+                content=_caption(image), file=_file(image), allowed_mentions=NO_PINGS
+            )
+        return message.id
 
     async def earlier(self) -> list[tuple[Handle, str]]:
         """The parts of an earlier reply to the same message (a restart mid-answer), to edit."""
@@ -201,6 +221,18 @@ class InteractionSink(_DiscordSink):
                 await self.interaction.delete_original_response()
             else:
                 await self.interaction.followup.delete_message(int(handle))
+
+    async def photo(self, image: Image) -> Handle:
+        if self.moved and self.fallback is not None:
+            return await self.fallback.photo(image)
+        async with _translated(sending=True), self._expiry():
+            message = await self.interaction.followup.send(
+                content=_caption(image) or discord.utils.MISSING,
+                file=_file(image),
+                wait=True,
+                allowed_mentions=NO_PINGS,
+            )
+        return message.id
 
     async def typing(self) -> None:
         """The deferred response already shows "Yanray is thinking…"."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from yanray.bot.errors import YanrayError
+from yanray.bot.types import Image
 
 if TYPE_CHECKING:
     from yanray.adapters.streamer import ReplyStreamer
@@ -107,6 +108,10 @@ class Sink(Protocol):
         ...
 
     async def delete(self, handle: Handle) -> None: ...
+
+    async def photo(self, image: Image) -> Handle:
+        """Post `image` (a PNG) as a message of its own, with its caption as plain text."""
+        ...
 
     async def draft(self, text: str) -> None:
         """Show `text` as a draft of the coming message (only where `drafts` is true)."""

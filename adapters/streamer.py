@@ -19,7 +19,14 @@ How an answer appears:
   messages show the parts: a changed part is edited, a new part sent, and the final text
   deletes the messages it no longer needs. A part whose message someone deleted is sent
   again (and the messages after it are sent anew, so the order holds);
-- `fail(reason)` keeps the partial answer and adds "⚠️ reason" below it.
+- `fail(reason)` keeps the partial answer and adds "⚠️ reason" below it;
+- an image (a tool's plot, `image`) is posted when the tool round produces it: the reply
+  so far is first written out as messages (a notice alone is deleted), then the picture
+  is sent, and those messages are sealed: the rest of the answer goes into new messages
+  below the picture, so the order reads text, picture, text on every platform. A picture
+  is not in `Shown` (it is never edited or deleted); a regenerated answer (an edit, a
+  restart) draws it again below the text it rewrote. A picture the platform refuses, or
+  cannot take after the retries, raises `DeliveryRefused`: the answer carries on.
 
 Faults (each failed call is told to `StreamerContext.on_fault`, for the metrics): a flood
 wait (`Flood`) is waited out and the write tried again, so a reply is
@@ -64,6 +71,7 @@ from yanray.adapters.sink import (
 )
 from yanray.adapters.split import split_message
 from yanray.bot.errors import AdapterStopped, DeliveryRefused
+from yanray.bot.types import Image
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +106,8 @@ class ReplyStreamer:
         self._pump: asyncio.Task[None] | None = None
         self._typing: asyncio.Task[None] | None = None
         self._last_preview = float("-inf")
+        #: the reply up to the last image, and its parts: shown above the image, never rewritten
+        self._sealed: tuple[str, list[str]] | None = None
 
     # -- ReplyStream -------------------------------------------------------------------
 
@@ -129,6 +139,27 @@ class ReplyStreamer:
 
     def watch(self, record: Callable[[Any], Awaitable[None]]) -> None:
         self._record = record
+
+    async def image(self, image: Image) -> None:
+        if not self._open():
+            raise DeliveryRefused(f"{self.sink.key}: the answer is no longer shown here")
+        try:
+            async with self.shown.lock:
+                await self._look_back()
+                text = self._partial.strip()
+                if text:
+                    parts = self._parts(text)
+                    await self._sync(parts, final=True)
+                    self._sealed = (text, parts)
+                elif self._sealed is None and self.shown.messages:
+                    await self._remove_from(0)  # only a notice shows: the answer follows the picture
+                await self._write(lambda: self.sink.photo(image), final=True)
+        except Blocked as exc:
+            self._blocked(exc)
+            raise DeliveryRefused(f"{self.sink.key}: the chat refuses the bot ({exc})") from exc
+        except SinkError as exc:
+            logger.warning("%s: an image could not be sent (%s); the answer goes on", self.sink.key, exc)
+            raise DeliveryRefused(f"{self.sink.key}: the platform did not take the image ({exc})") from exc
 
     # -- edits, stopping ---------------------------------------------------------------
 
@@ -288,6 +319,14 @@ class ReplyStreamer:
     # -- matching parts to messages ----------------------------------------------------
 
     def _parts(self, text: str) -> list[str]:
+        if self._sealed is not None:
+            sealed, parts = self._sealed
+            body = text.lstrip()
+            if body.startswith(sealed):  # the text above the last image stays as it was sent
+                return parts + self._split(body[len(sealed) :].strip())
+        return self._split(text)
+
+    def _split(self, text: str) -> list[str]:
         return [part for part in split_message(text, self.sink.limit(text)) if part.strip()]
 
     async def _look_back(self) -> None:

@@ -4,7 +4,8 @@ Telegram's side of the streamer: a part is at most 4096 characters, fewer when a
 characters are present (Telegram counts UTF-16 units, and those take two); each part is
 sent as HTML from `telegram_format`, and again plain if Telegram says "can't parse
 entities"; an edit answered "message is not modified" succeeded (by that text only).
-Private chats preview with `sendMessageDraft`; a group answer quotes the question.
+Private chats preview with `sendMessageDraft`; a group answer quotes the question. A
+picture goes out with `sendPhoto` (multipart upload), its caption plain.
 PTB's errors become the streamer's kinds: `RetryAfter` a `Flood`, 403 `Blocked`, "message
 to edit/delete not found" `MessageGone`, network errors, time-outs and 5xx `Transient`,
 any other refusal `Rejected`.
@@ -19,18 +20,20 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TypeVar
 
-from telegram import Bot, Message, ReplyParameters
+from telegram import Bot, InputFile, Message, ReplyParameters
 from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 from telegram.warnings import PTBDeprecationWarning
 
 from yanray.adapters.sink import Blocked, Flood, Handle, MessageGone, Rejected, Transient
 from yanray.adapters.telegram_format import markdown_to_html
+from yanray.bot.types import Image
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_CHARS = 4096
+MAX_CAPTION = 1024  # a photo's caption
 
 
 def retry_seconds(exc: RetryAfter) -> float:
@@ -115,6 +118,17 @@ class TelegramSink:
 
     async def delete(self, handle: Handle) -> None:
         await _translated(self.get_bot().delete_message(self.chat_id, int(handle)))
+
+    async def photo(self, image: Image) -> Handle:
+        message = await _translated(
+            self.get_bot().send_photo(
+                self.chat_id,
+                InputFile(image.data, filename=image.name),
+                caption=image.caption[:MAX_CAPTION] or None,  # plain text: no parse_mode
+                message_thread_id=self.thread_id,
+            )
+        )
+        return message.message_id
 
     async def draft(self, text: str) -> None:
         def write(body: str, mode: str | None) -> Awaitable[bool]:

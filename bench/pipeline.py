@@ -178,6 +178,9 @@ class TimedStream:
         self.problem = f"fail: {text}"
         self.done.set()
 
+    async def image(self, image: Any) -> None:
+        pass  # the benchmark's model calls no tool that draws
+
     def watch(self, record: Any) -> None:
         pass  # nothing is shown that a restart would edit
 

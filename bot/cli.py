@@ -125,7 +125,7 @@ async def chat(settings: Settings) -> None:
     engine = await build_engine(settings)
     try:
         async with await Core.open(settings, engine) as core:
-            console = ConsoleAdapter(dispatcher=core.dispatcher)
+            console = ConsoleAdapter(dispatcher=core.dispatcher, images=settings.data_dir / "images")
             core.add_adapter(console)
             await core.start()
             await console.converse()

@@ -23,6 +23,13 @@ outcome: ok, error (the tool said why), timeout, refused (argument too long), un
 such tool), cancelled, repeated (answered from the first identical call) or over_limit
 (past `max_rounds`); `on_round(tokens)` hears of every round's generated tokens.
 
+A tool may hand back images (`ToolResult`, the plot). They are shown to the user as the
+round produces them (`on_images`, after the tool finished and outside its time limit;
+the text so far stays above them), before the model reads on, and the observation says
+whether they were sent ("Sent the plot of sin(x) for x from -5 to 5 to the user.") or not
+and why; what could not be sent is listed in `LoopResult.unsent` for a note to the user.
+Images are not stored: the observation is what the conversation keeps of them.
+
 The model's text is untrusted and may be long: every line is looked at once, in linear
 time, while it streams (`SlashCalls`, `_StreamedRound`), and a call whose argument is longer
 than the tool's `max_argument_chars` is refused before the tool parses anything, with an
@@ -37,12 +44,13 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from yanray.bot.errors import ToolError
-from yanray.bot.tools import Tool
+from yanray.bot.tools import Tool, ToolResult
+from yanray.bot.types import Image
 from yanray.engine.base import ChatMessage, EngineSession, GenerateOptions, Generation
 
 logger = logging.getLogger(__name__)
@@ -52,6 +60,8 @@ CANCEL_POLL_S = 0.05  # how often a running tool's caller looks at the cancel fl
 
 #: `on_visible`'s argument builds the visible text so far (see `ToolLoop.run`)
 VisibleCallback = Callable[[Callable[[], str]], None]
+#: shows a tool's images to the user now; returns None when they were sent, else one line why not
+ImagesCallback = Callable[[Sequence[Image]], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,8 @@ class LoopResult:
     rounds: list[Round] = field(default_factory=list)
     finish: str = "stop"
     visible: str = ""  # what the user sees: the rounds' text without the tool-call lines
+    #: what the images that could not be sent show ("the plot of sin(x) for x from -5 to 5")
+    unsent: list[str] = field(default_factory=list)
 
 
 class SlashCalls:
@@ -192,12 +204,14 @@ class ToolLoop:
         *,
         options: Callable[[], GenerateOptions],
         on_visible: VisibleCallback | None = None,
+        on_images: ImagesCallback | None = None,
     ) -> LoopResult:
         """Generate until the model answers without a tool call (or a limit stops it).
 
         `on_visible` is called whenever the visible text grows, with a function that builds
         that text: building it costs time in proportion to its length, so the caller pulls it
-        when it needs it (e.g. at most every 0.1 s), never per piece."""
+        when it needs it (e.g. at most every 0.1 s), never per piece. `on_images` shows a
+        tool's images (without it, they are not sent, and the model is told so)."""
         result = LoopResult()
         cache: dict[tuple[str, str], str] = {}
         shown: list[str] = []  # visible text of finished rounds
@@ -242,7 +256,8 @@ class ToolLoop:
                     logger.info("tool %s repeated with the same arguments; reusing the first result", name)
                     self._outcome(name, "repeated")
                 else:
-                    observation, outcome = await self._run_tool(name, arguments, opts.cancel)
+                    found, outcome = await self._run_tool(name, arguments, opts.cancel)
+                    observation = await self._observe(found, on_images, opts.cancel, result)
                     cache[key] = observation
                     self._outcome(name, outcome)
                 calls += 1
@@ -257,6 +272,34 @@ class ToolLoop:
         if self.on_tool is not None:
             # a name the model made up is not a label: one "unknown" series, not one per name
             self.on_tool(name if name in self.tools else "unknown", outcome)
+
+    async def _observe(
+        self,
+        outcome: str | ToolResult,
+        on_images: ImagesCallback | None,
+        cancel: threading.Event,
+        result: LoopResult,
+    ) -> str:
+        """The observation of a tool's result; its images are shown to the user first."""
+        if isinstance(outcome, str):
+            return outcome
+        said = []
+        if outcome.images:
+            shows = " and ".join(outcome.shows) or "the picture"
+            if cancel.is_set():
+                why: str | None = "the answer was stopped"
+            elif on_images is None:
+                why = "this conversation cannot show pictures"
+            else:
+                why = await on_images(outcome.images)
+            if why is None:
+                said.append(f"Sent {shows} to the user.")
+            else:
+                said.append(f"Could not send {shows} to the user: {why}.")
+                result.unsent.append(shows)
+        if outcome.text:
+            said.append(outcome.text)
+        return " ".join(said) or "Done."
 
     def _strip_calls(self, text: str) -> str:
         return self._calls.strip(text) if self._calls is not None else text
@@ -299,8 +342,8 @@ class ToolLoop:
 
     async def _run_tool(
         self, name: str, arguments: Mapping[str, Any], cancel: threading.Event
-    ) -> tuple[str, str]:
-        """(the observation, the outcome for the metrics)."""
+    ) -> tuple[str | ToolResult, str]:
+        """(the tool's result or why there is none, the outcome for the metrics)."""
         tool = self.tools.get(name)
         if tool is None:
             available = ", ".join(self.tools) or "none"

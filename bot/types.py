@@ -21,6 +21,16 @@ Route = Mapping[str, Any]  # JSON-serialisable
 
 
 @dataclass(frozen=True)
+class Image:
+    """A picture for the user (a tool's plot): a PNG, its file name, and a short plain-text
+    caption (no Markdown: each platform shows it as it is)."""
+
+    data: bytes
+    name: str  # e.g. "plot.png"
+    caption: str = ""
+
+
+@dataclass(frozen=True)
 class Incoming:
     """One message for Yanray, whatever platform it came from. Its strings can be encoded
     (an adapter repairs lone surrogates from a platform's JSON at its boundary)."""
@@ -58,8 +68,9 @@ class ReplyStream(Protocol):
 
     The core calls, for a command: `send` once. For a question: optionally `notice`
     (repeatedly, as the queue position changes), `started`, `progress` any number of times
-    with the whole reply so far, and finally exactly one of `finish` (the complete reply)
-    or `fail` (one line saying what went wrong and what to do). The core words every text;
+    with the whole reply so far (and `image` between them when a tool drew one), and finally
+    exactly one of `finish` (the complete reply) or `fail` (one line saying what went wrong
+    and what to do). The core words every text;
     a stream only shows it (one that can edit turns the notice into the answer, and keeps a
     partial answer above a failure's reason). The core never passes an empty text.
     A final text the platform refuses for good raises `bot.errors.DeliveryRefused` (the
@@ -89,6 +100,13 @@ class ReplyStream(Protocol):
 
     async def fail(self, text: str) -> None:
         """The request failed; `text` is one line for the user."""
+        ...
+
+    async def image(self, image: Image) -> None:
+        """Show a picture now, while the answer is written (a tool round produced it): the
+        reply so far stays above it and the reply continues below it. Returns once it is
+        shown; a picture the platform refuses or cannot take raises
+        `bot.errors.DeliveryRefused` (the core tells the user and the model in one line)."""
         ...
 
     def watch(self, record: Callable[[Any], Awaitable[None]]) -> None:

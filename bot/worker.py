@@ -44,18 +44,18 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from yanray.bot.context import system_prompt, too_long
-from yanray.bot.errors import ContextTooLong, DeliveryRefused, EngineError
+from yanray.bot.errors import AdapterStopped, ContextTooLong, DeliveryRefused, EngineError
 from yanray.bot.i18n import N_, normalize, translator
 from yanray.bot.metrics import Metrics
 from yanray.bot.queue import Job, RequestQueue
 from yanray.bot.settings import Settings
 from yanray.bot.toolloop import LoopResult, ToolLoop
 from yanray.bot.tools import Tool
-from yanray.bot.types import Adapter, ReplyStream
+from yanray.bot.types import Adapter, Image, ReplyStream
 from yanray.engine.base import ChatMessage, Engine, GenerateOptions, PromptTooLong, Role, ToolSpec
 from yanray.storage import Conversation, Database, Message, crud
 
@@ -80,6 +80,19 @@ INTERRUPTED = N_(
 )
 UNDELIVERABLE = N_("Sorry, I could not send my answer: the chat service refused it. Please try again.")
 NO_ANSWER = N_("(I have no answer to that.)")
+
+
+def unsent_note(result: LoopResult, language: str) -> str | None:
+    """What ends an answer whose pictures could not be sent (the text is kept)."""
+    count = len(result.unsent)
+    if not count:
+        return None
+    template = translator(language).ngettext(
+        "A picture could not be sent: the chat service did not take it.",
+        "{count} pictures could not be sent: the chat service did not take them.",
+        count,
+    )
+    return template.format(count=count)
 
 
 def to_chat(message: Message) -> ChatMessage:
@@ -122,6 +135,7 @@ class _Progress:
             return
         self._now.set()
         (outcome,) = await asyncio.gather(self._task, return_exceptions=True)
+        self._now.clear()
         if isinstance(outcome, Exception):
             # the final answer still goes out through finish(); a lost progress update is cosmetic
             logger.warning("showing the reply so far failed: %r", outcome)
@@ -438,9 +452,23 @@ class EngineWorker:
                 self.metrics.first_text(time.monotonic() - begun)
             progress.update(visible)
 
+        async def show(images: Sequence[Image]) -> str | None:
+            # the text so far first: the picture comes below it, and the answer continues below
+            await progress.drain()
+            for image in images:
+                try:
+                    await job.out.image(image)
+                except (DeliveryRefused, AdapterStopped) as exc:
+                    logger.warning("request %d: an image could not be sent: %s", job.request_id, exc)
+                    return "the chat service did not take the picture"
+                except Exception:  # a picture never costs the answer: it goes on without it
+                    logger.exception("request %d: an image could not be sent", job.request_id)
+                    return "the chat service did not take the picture"
+            return None
+
         session = await self.engine.start(messages, specs)
         try:
-            return await self.loop.run(session, options=options, on_visible=on_visible)
+            return await self.loop.run(session, options=options, on_visible=on_visible, on_images=show)
         finally:
             await session.close()
             await progress.drain()
@@ -459,6 +487,9 @@ class EngineWorker:
         short) ends the reply as one bracketed line; it is stored with the reply, so a restart
         delivers the same text, while the conversation keeps only what the model wrote."""
         reply = rounds.visible if rounds is not None else None
+        unsent = unsent_note(rounds, job.language) if rounds is not None and status == "done" else None
+        if unsent is not None:
+            note = f"{note} {unsent}" if note else unsent
         if note is not None:
             reply = f"{reply}\n\n[{note}]" if reply else f"[{note}]"
         if status == "done" and not (reply and reply.strip()):

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from yanray.bot.errors import DeliveryRefused
+
 
 class RecordingStream:
     def __init__(self, name: str = "") -> None:
         self.name = name
         self.events: list[tuple[str, Any]] = []
         self.done = asyncio.Event()
+        #: image() raises DeliveryRefused, as a platform that refuses the upload
+        self.refuse_images = False
 
     async def send(self, text: str) -> None:
         self.events.append(("send", text))
@@ -32,6 +36,11 @@ class RecordingStream:
     async def fail(self, text: str) -> None:
         self.events.append(("fail", text))
         self.done.set()
+
+    async def image(self, image: Any) -> None:
+        if self.refuse_images:
+            raise DeliveryRefused("test: the platform did not take the image")
+        self.events.append(("image", image))
 
     def watch(self, record: Any) -> None:
         self.record = record

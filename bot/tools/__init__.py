@@ -2,7 +2,8 @@
 
 A tool is a name, a one-line usage for the system prompt, a JSON-schema description for
 models with a native tool format (ChatGLM3), and an async handler that takes the
-call's arguments and returns text. A handler raises `ToolError` for bad input; its
+call's arguments and returns text, or a `ToolResult`: text plus images for the user (the
+plot), which the tool loop has shown to the user before the model reads on. A handler raises `ToolError` for bad input; its
 message goes back to the model as the observation. A call whose argument is longer than
 `max_argument_chars` never reaches the handler (the tool loop refuses it). Tools only ever run on model
 output, never on text a user typed.
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from yanray.bot.types import Image
 from yanray.engine.base import ToolSpec
 
 if TYPE_CHECKING:
@@ -23,9 +25,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: every tool Yanray has, by the name `YANRAY_TOOLS` uses
-TOOL_NAMES = frozenset({"calculate", "fetch", "search", "time"})
+TOOL_NAMES = frozenset({"calculate", "fetch", "plot", "search", "time"})
 
-Handler = Callable[[Mapping[str, Any]], Awaitable[str]]
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What a tool hands back besides plain text: images for the user, each with what it
+    shows (`shows`, e.g. "the plot of sin(x) for x from -5 to 5"), and a note for the model
+    (`text`, may be empty). The model's observation says whether each image was sent."""
+
+    text: str
+    images: tuple[Image, ...] = ()
+    shows: tuple[str, ...] = ()
+
+
+Handler = Callable[[Mapping[str, Any]], Awaitable["str | ToolResult"]]
 
 
 @dataclass(frozen=True)
@@ -63,15 +77,20 @@ def build_tools(names: list[str], settings: Settings | None = None) -> dict[str,
     (without it: their defaults). A tool that cannot work as configured is left out, with a log line."""
     if not names:
         return {}
-    from yanray.bot.tools.calculator import calculator_tool
+    from yanray.bot.tools.calculator import Calculator, calculator_tool
     from yanray.bot.tools.clock import time_tool
     from yanray.bot.tools.fetch import fetch_config, fetch_tool
+    from yanray.bot.tools.plot import plot_tool
     from yanray.bot.tools.search import search_tool
+
+    # calculate and plot share one warm worker process (sympy and matplotlib load once)
+    shared = Calculator(plot=True) if "calculate" in names and "plot" in names else None
 
     searxng_url = settings.searxng_url if settings is not None else ""
     timezone = settings.timezone if settings is not None else "UTC"
     factories: dict[str, Callable[[], Tool]] = {
-        "calculate": calculator_tool,
+        "calculate": lambda: calculator_tool(shared),
+        "plot": lambda: plot_tool(shared),
         "fetch": lambda: fetch_tool(fetch_config(settings)),
         "search": lambda: search_tool(searxng_url),
         "time": lambda: time_tool(timezone),
@@ -82,4 +101,6 @@ def build_tools(names: list[str], settings: Settings | None = None) -> dict[str,
             logger.info("the search tool is enabled but YANRAY_SEARXNG_URL is not set: it is left out")
             continue
         tools[name] = factories[name]()
+    if shared is not None:  # closed once, with the first of the two
+        tools["calculate"] = replace(tools["calculate"], close=shared.close)
     return tools

@@ -220,17 +220,45 @@ def _set_cpu_budget(seconds: float) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
+def _load_plotting() -> None:
+    """Import numpy and matplotlib (Agg) now, before the first plot's time limit starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends import backend_agg  # noqa: F401
+    from matplotlib.figure import Figure
+
+    Figure()  # loads the font manager
+
+
+def _answer(builder: _Builder, request: dict[str, Any]) -> dict[str, Any]:
+    if "plot" in request:
+        from yanray.bot.tools.plot_draw import draw
+
+        return {"ok": True, **draw(builder, str(request["plot"]))}
+    return {"ok": True, "text": builder.evaluate(str(request["expression"]))}
+
+
 def main(argv: list[str]) -> int:
-    """Serve requests `{"id", "expression", "cpu"}` with replies `{"id", "ok", "text", "restart"}`."""
+    """Serve requests `{"id", "expression" or "plot", "cpu"}` with replies `{"id", "ok", "text",
+    "restart"}` (a plot's also carry "image", "shows" and "caption"). argv: the memory limit in
+    bytes, then "plot" to load the plotting libraries at start."""
     import os
+    import signal
     import warnings
 
-    _set_limits(int(argv[0]) if argv else 512 * 2**20)
-    builder = _Builder()
+    # a write past RLIMIT_FSIZE fails with EFBIG instead of killing the worker
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # a stray print from any library must not corrupt the protocol
     sys.stdout = sys.stderr
     warnings.simplefilter("ignore")
+    if "plot" in argv[1:]:
+        # before the limits, while no request has been read: matplotlib may write its font
+        # cache once (under RLIMIT_FSIZE 0 it would leave an empty file and rebuild each start)
+        _load_plotting()
+    _set_limits(int(argv[0]) if argv else 512 * 2**20)
+    builder = _Builder()
     protocol.write('{"ready": true}\n')
     protocol.flush()
     for line in sys.stdin:
@@ -238,7 +266,7 @@ def main(argv: list[str]) -> int:
         _set_cpu_budget(float(request["cpu"]))
         restart = False
         try:
-            reply = {"ok": True, "text": builder.evaluate(str(request["expression"]))}
+            reply = _answer(builder, request)
         except CalcError as exc:
             reply = {"ok": False, "text": str(exc)}
         except (MemoryError, SystemError):  # under RLIMIT_AS a failed C allocation can surface as either

@@ -26,7 +26,9 @@ calls, and restarted after any kill, crash or MemoryError. Calls are serialised 
 over pipes (no pickle). The blocking pipe I/O runs in the loop's default executor, so
 the event loop never blocks and the `Calculator` is not tied to one event loop;
 cancelling a call kills the worker if that call is running. The worker exits by itself
-when its stdin closes, so it never outlives the bot.
+when its stdin closes, so it never outlives the bot. The plot tool (`plot.py`) sends its
+requests to the same kind of worker (`Calculator(plot=True)` loads matplotlib at start);
+with both tools enabled they share one.
 """
 
 from __future__ import annotations
@@ -57,15 +59,22 @@ DEFAULT_TIMEOUT = 5.0
 DEFAULT_MEMORY = 512 * 2**20
 STARTUP_TIMEOUT = 30.0
 CALLS_PER_WORKER = 1000
-_MAX_REPLY = 64 * 1024
+_MAX_REPLY = 1024 * 1024  # a plot's PNG comes back base64-encoded (calc_rules.MAX_PNG_BYTES)
 _POLL = 0.05  # how often a waiting call looks at its cancel flag
+
+
+def _worker_environment() -> dict[str, str]:
+    """The worker's environment: one BLAS thread (OpenBLAS reserves memory per thread, which a
+    many-core host would spend of RLIMIT_AS before any work) and matplotlib's Agg backend."""
+    return {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 
 
 class _Worker:
     """One worker process and the blocking exchange with it; used from executor threads."""
 
-    def __init__(self, memory: int) -> None:
+    def __init__(self, memory: int, plot: bool = False) -> None:
         self._memory = memory
+        self._plot = plot
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = bytearray()
@@ -73,12 +82,16 @@ class _Worker:
         self._calls = 0
 
     def run(self, text: str, timeout: float, cancelled: threading.Event) -> str:
+        return str(self.call({"expression": text}, timeout, cancelled)["text"])
+
+    def call(self, request: dict[str, Any], timeout: float, cancelled: threading.Event) -> dict[str, Any]:
+        """Send `request` (an expression, or a plot) and return the worker's successful reply."""
         with self._lock:
             if cancelled.is_set():
                 raise CalcError("the calculation was cancelled")
             proc = self._ensure_started(cancelled)
             request_id = next(self._ids)
-            line = json.dumps({"id": request_id, "expression": text, "cpu": timeout}) + "\n"
+            line = json.dumps({**request, "id": request_id, "cpu": timeout}) + "\n"
             try:
                 assert proc.stdin is not None
                 proc.stdin.write(line.encode())
@@ -98,17 +111,24 @@ class _Worker:
                 self.stop()
             if not reply.get("ok"):
                 raise CalcError(reply["text"])
-            return str(reply["text"])
+            return reply
 
     def _ensure_started(self, cancelled: threading.Event) -> subprocess.Popen[bytes]:
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
         self.stop()
         command = [sys.executable, "-I", "-m", "yanray.bot.tools.calc_worker", str(self._memory)]
+        if self._plot:
+            command.append("plot")  # numpy and matplotlib load at start, not in a plot's time
         started = time.monotonic()
         try:
             self._proc = subprocess.Popen(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, start_new_session=True
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                close_fds=True,
+                start_new_session=True,
+                env=_worker_environment(),
             )
         except OSError as exc:
             logger.error("cannot start the calculator worker: %s", exc)
@@ -201,9 +221,12 @@ class _Worker:
 class Calculator:
     """A warm calculator worker, reused across calls. `close()` it, or let it go with the process."""
 
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, memory: int = DEFAULT_MEMORY) -> None:
+    def __init__(
+        self, *, timeout: float = DEFAULT_TIMEOUT, memory: int = DEFAULT_MEMORY, plot: bool = False
+    ) -> None:
+        """`plot`: the worker loads the plotting libraries when it starts (the plot tool)."""
         self.timeout = timeout
-        self._worker = _Worker(memory)
+        self._worker = _Worker(memory, plot)
         self._finalizer = weakref.finalize(self, self._worker.shutdown)
 
     # `timeout` is the worker's wall-clock limit (it kills the process), not an asyncio timeout
@@ -213,11 +236,17 @@ class Calculator:
             validate(expression)
         except CalcError as exc:
             raise ToolError(one_line(str(exc))) from None
+        reply = await self.request({"expression": expression}, timeout=timeout)
+        return str(reply["text"])
+
+    async def request(self, payload: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:  # noqa: ASYNC109
+        """The worker's successful reply to `payload` (already validated by the caller; the
+        worker validates it again); raises ToolError (one line)."""
         cancelled = threading.Event()
         loop = asyncio.get_running_loop()
         limit = self.timeout if timeout is None else timeout
         try:
-            return await loop.run_in_executor(None, self._worker.run, expression, limit, cancelled)
+            return await loop.run_in_executor(None, self._worker.call, payload, limit, cancelled)
         except CalcError as exc:
             raise ToolError(one_line(str(exc))) from None
         finally:

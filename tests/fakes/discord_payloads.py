@@ -49,6 +49,8 @@ class Msg:
     reply_to: str | None = None
     deleted: bool = False
     history: list[tuple[float, str]] = field(default_factory=list)
+    #: uploaded files: (file name, bytes)
+    files: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 class DiscordWorld:
@@ -110,6 +112,13 @@ class DiscordWorld:
             "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": [], "embeds": [],
             "pinned": False, "type": 19 if msg.reply_to else 0, "flags": 0, "components": [],
         }
+        data["attachments"] = [
+            {
+                "id": f"{msg.id}{index}", "filename": name, "size": len(content), "content_type": "image/png",
+                "url": f"https://cdn.example/{msg.id}/{name}", "proxy_url": f"https://cdn.example/{msg.id}/{name}",
+            }
+            for index, (name, content) in enumerate(msg.files)
+        ]  # fmt: skip
         if webhook:
             data["webhook_id"] = data["application_id"] = self.app_id
         if self.in_guild(msg.channel_id):

@@ -19,6 +19,9 @@ events the client missed after RESUME. Tests push events with `user_message`,
 `edit_user_message`, `slash` and `dispatch`, and `drop_gateway()` closes the socket so the
 client resumes (`drop_gateway(4004)`: so that it cannot).
 
+A message posted with files (a multipart upload: `payload_json` and `files[N]`) keeps
+them in `Msg.files` as (name, bytes) and lists them as its attachments.
+
 REST answers carry `Content-Type: application/json` exactly (with a charset discord.py
 reads the body as text). Every REST call is recorded in `calls` (method, path, query,
 JSON body, time), and the messages users would see are kept in `messages` with the time of
@@ -31,6 +34,8 @@ write in that channel with 403 Missing Permissions.
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import json
 import re
 import time
@@ -64,6 +69,24 @@ class _Rule:
     retry_after: float
     via: bool
     code: int
+    uploads: bool = False
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, Any]:
+    """A multipart upload as discord.py sends one: `payload_json` (the message) and
+    `files[N]` fields; the result is the message's JSON with "files": [(name, bytes)]."""
+    parsed = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+    )
+    body: dict[str, Any] = {"files": []}
+    for part in parsed.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        content = part.get_payload(decode=True) or b""
+        if name == "payload_json":
+            body.update(json.loads(content))
+        elif isinstance(name, str) and name.startswith("files["):
+            body["files"].append((part.get_filename() or "", content))
+    return body
 
 
 class FakeDiscord(DiscordWorld):
@@ -133,10 +156,12 @@ class FakeDiscord(DiscordWorld):
         retry_after: float = 0.05,
         via: bool = True,
         code: int = 0,
+        uploads: bool = False,
     ) -> None:
         """Answer the next `times` calls matching `method` and the `path` regex with `status`
-        (and Discord's JSON error `code`, e.g. 50027 Invalid Webhook Token)."""
-        self._rules.append(_Rule(method, re.compile(path), status, times, retry_after, via, code))
+        (and Discord's JSON error `code`, e.g. 50027 Invalid Webhook Token); `uploads`: only
+        calls that upload files."""
+        self._rules.append(_Rule(method, re.compile(path), status, times, retry_after, via, code, uploads))
 
     def forbid_channel(self, channel_id: str) -> None:
         self.forbidden_channels.add(channel_id)
@@ -284,12 +309,18 @@ class FakeDiscord(DiscordWorld):
             if ctype.startswith("application/json"):
                 body = json.loads(raw)
             elif ctype.startswith("multipart/"):
-                body = {"multipart": raw.decode("utf-8", "replace")}
+                body = _multipart(ctype, raw)
         self.calls.append(Call(request.method, path, dict(request.query), body, time.monotonic()))
         if request.headers.get("Authorization") not in (f"Bot {self.token}", None):
             return self._json({"message": "401: Unauthorized", "code": 0}, 401)
         for rule in self._rules:
-            if rule.times > 0 and rule.method == request.method and rule.path.search(path):
+            uploading = isinstance(body, dict) and bool(body.get("files"))
+            if (
+                rule.times > 0
+                and rule.method == request.method
+                and rule.path.search(path)
+                and (uploading or not rule.uploads)
+            ):
                 rule.times -= 1
                 if rule.status == 429:
                     headers = {"Retry-After": str(rule.retry_after), "X-RateLimit-Scope": "user"}
@@ -345,6 +376,7 @@ class FakeDiscord(DiscordWorld):
             ref = (body or {}).get("message_reference") or {}
             reply_to = str(ref["message_id"]) if ref.get("message_id") else None
             msg = self._new_message(m.group(1), (body or {}).get("content", ""), reply_to)
+            msg.files = list((body or {}).get("files", []))
             return self._json(self.message_json(msg))
         m = re.fullmatch(r"/channels/(\d+)/messages/(\d+)", path)
         if m:
@@ -359,6 +391,7 @@ class FakeDiscord(DiscordWorld):
         if m and method == "POST":
             cid = self._interaction_channels.get(m.group(2), self.channel_id)
             msg = self._new_message(cid, (body or {}).get("content", ""), None)
+            msg.files = list((body or {}).get("files", []))
             return self._json(self.message_json(msg, webhook=True))
         m = re.fullmatch(r"/webhooks/(\d+)/tok-(\d+)/messages/(@original|\d+)", path)
         if m:

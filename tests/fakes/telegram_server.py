@@ -11,7 +11,8 @@ Serves `/bot{token}/{method}` on 127.0.0.1 and a free port; point PTB at it with
         assert fake.messages(42) == ["Hello!"]
 
 Methods: getMe, deleteWebhook, setWebhook, getWebhookInfo, getUpdates (long poll with
-`offset`, `timeout`, `limit`), sendMessage, editMessageText, deleteMessage,
+`offset`, `timeout`, `limit`), sendMessage, sendPhoto (a multipart upload of a PNG or JPEG,
+kept in `photos` with its bytes, file name and caption), editMessageText, deleteMessage,
 sendMessageDraft, sendChatAction, setMyCommands, getMyCommands, deleteMyCommands,
 getChatMember (members of `admins` are administrators). Bodies
 are read as PTB sends them (form fields, each non-string value JSON-encoded) or as JSON.
@@ -182,6 +183,17 @@ class SentMessage:
 
 
 @dataclass
+class SentPhoto:
+    """A photo the bot sent (sendPhoto, a multipart upload)."""
+
+    chat_id: int
+    message_id: int
+    data: bytes
+    filename: str
+    caption: str
+
+
+@dataclass
 class Draft:
     chat_id: int
     draft_id: int
@@ -196,6 +208,7 @@ class FakeTelegram:
         self.token, self.bot_id, self.username = token, bot_id, username
         self.calls: list[Call] = []
         self.sent: list[SentMessage] = []
+        self.photos: list[SentPhoto] = []
         self.drafts: list[Draft] = []
         self.commands: list[dict[str, str]] = []
         #: each command menu set, by its language_code ("" for the default one)
@@ -276,7 +289,14 @@ class FakeTelegram:
         chat = params.get("chat_id")
         if (
             method
-            in ("sendMessage", "editMessageText", "sendMessageDraft", "sendChatAction", "deleteMessage")
+            in (
+                "sendMessage",
+                "editMessageText",
+                "sendMessageDraft",
+                "sendChatAction",
+                "deleteMessage",
+                "sendPhoto",
+            )
             and chat in self.blocked
         ):
             raise ApiError(*FAULTS["blocked"])
@@ -607,6 +627,31 @@ class FakeTelegram:
         result = self._message_json(chat_id, message.message_id)
         if message.reply_to is not None and (chat_id, message.reply_to) in self.user_messages:
             result["reply_to_message"] = self._message_json(chat_id, message.reply_to)
+        return result
+
+    async def _api_sendPhoto(self, params: dict[str, Any]) -> Any:
+        chat_id = int(params["chat_id"])
+        upload = params.get("photo")
+        if not isinstance(upload, web.FileField):
+            raise ApiError(400, "Bad Request: there is no photo in the request")
+        data = upload.file.read()
+        if not data.startswith(b"\x89PNG\r\n\x1a\n") and not data.startswith(b"\xff\xd8"):
+            raise ApiError(400, "Bad Request: IMAGE_PROCESS_FAILED")
+        caption = str(params.get("caption") or "")
+        if len(caption) > 1024:
+            raise ApiError(400, "Bad Request: message caption is too long")
+        photo = SentPhoto(chat_id, self._next_message_id(chat_id), data, upload.filename, caption)
+        self.photos.append(photo)
+        result = {
+            "message_id": photo.message_id,
+            "date": int(time.time()),
+            "chat": self._chat(chat_id),
+            "from": self.bot_user,
+            "photo": [{"file_id": f"photo-{photo.message_id}", "file_unique_id": f"u{photo.message_id}",
+                       "width": 800, "height": 500, "file_size": len(data)}],
+        }  # fmt: skip
+        if caption:
+            result["caption"] = caption
         return result
 
     async def _api_editMessageText(self, params: dict[str, Any]) -> Any:
