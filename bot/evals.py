@@ -132,7 +132,7 @@ async def _run_item(
             for r in result.rounds
             if r.tool_name
         ]
-        passed, why = judge(item, result.visible, [c["tool"] for c in calls])
+        passed, why = judge(item, result.visible, [r.tool_name for r in result.rounds if r.tool_name])
         outcome.update(passed=passed, why=why, answer=result.visible, tool_calls=calls, finish=result.finish)
     outcome["seconds"] = round(time.monotonic() - clock, 2)
     return outcome
