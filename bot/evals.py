@@ -227,7 +227,7 @@ MAX_FLIPS_SHOWN = 40
 def _cell(entry: Mapping[str, Any] | None) -> str:
     if entry is None:
         return "-"
-    return f"{entry['passed']}/{entry['total']} {100 * entry['rate']:5.1f}%"
+    return f"{entry['passed']}/{entry['total']} {100 * entry['passed'] / entry['total']:5.1f}%"
 
 
 def format_summary(result: Mapping[str, Any]) -> str:
@@ -248,7 +248,8 @@ def format_compare(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
             continue
         change = ""
         if kind in a and kind in b:
-            change = f"{100 * (b[kind]['rate'] - a[kind]['rate']):+.1f} pts"
+            rates = [entry["passed"] / entry["total"] for entry in (a[kind], b[kind])]
+            change = f"{100 * (rates[1] - rates[0]):+.1f} pts"
         lines.append(f"{kind:<10} {_cell(a.get(kind)):>14} {_cell(b.get(kind)):>14} {change:>10}")
     lines.append("")
     lines.append(f"before: {_describe(before)}")
