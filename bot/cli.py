@@ -1,5 +1,6 @@
 """The `yanray` command: `chat` in a terminal, `run` the bots, `quantize` a model to INT8,
-`export` the conversations as a training dataset.
+`export` the conversations as a training dataset, `eval` a model on a prompt set (and
+`eval compare` two runs).
 
 Everything is built here once and passed in (settings, engine, core, adapters).
 Logging is configured here, to standard error; standard output carries only the
@@ -71,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("src", type=Path, help="model folder (config.json, tokenizer.model, weights)")
     quantize.add_argument("dst", type=Path, help="output folder for the INT8 model")
     add_export_parser(commands)
+    evaluate = commands.add_parser(
+        "eval",
+        help="measure the model on a prompt set, or compare two runs",
+        usage="yanray eval [SET.jsonl] --out RESULT.json\n       yanray eval compare BEFORE.json AFTER.json",
+        description="Run an eval set (default: the bundled evals/core.jsonl) through the configured "
+        "model (YANRAY_ENGINE, YANRAY_MODEL) and the tool loop, greedily, each item a fresh "
+        "conversation, and write RESULT.json; or compare two results: the pass rate per check kind "
+        "before and after, and the items whose outcome changed. No database is used.",
+    )
+    evaluate.add_argument(
+        "paths",
+        nargs="*",
+        metavar="SET.jsonl | compare BEFORE.json AFTER.json",
+        help="the eval set to run (JSON lines; see the README), or `compare` and two result files",
+    )
+    evaluate.add_argument(
+        "--out", type=Path, metavar="RESULT.json", help="where to write the result of a run"
+    )
     return parser
 
 
@@ -227,6 +246,65 @@ def quantize(src: Path, dst: Path) -> None:
     print(f"INT8 model written to {dst}. Use it with YANRAY_MODEL={dst}")
 
 
+async def evaluate(settings: Settings, set_path: Path | None, out: Path) -> None:
+    from yanray.bot.evals import format_summary, run_eval, sha256_of, write_result
+    from yanray.bot.evalset import default_set, load_set
+
+    path = set_path or default_set()
+    items = load_set(path)  # a bad line is refused before the model loads
+    total = len(items)
+
+    def progress(index: int, outcome: dict[str, Any]) -> None:
+        verdict = "pass" if outcome["passed"] else "FAIL"
+        logger.info(
+            "eval %d/%d %s (%s): %s, %s",
+            index + 1,
+            total,
+            outcome["id"],
+            outcome["check"],
+            verdict,
+            outcome["why"],
+        )
+
+    engine = await build_engine(settings)
+    try:
+        result = await run_eval(
+            items,
+            engine=engine,
+            settings=settings,
+            set_name=str(path),
+            set_sha256=sha256_of(path),
+            progress=progress,
+        )
+    finally:
+        await engine.aclose()
+    write_result(result, out)
+    print(format_summary(result))
+    print(f"Result written to {out}")
+
+
+def eval_command(settings: Settings, paths: list[str], out: Path | None) -> None:
+    """`yanray eval [SET] --out RESULT` or `yanray eval compare BEFORE AFTER`."""
+    from yanray.bot.evals import format_compare, read_result
+    from yanray.bot.evalset import EvalError
+
+    if paths[:1] == ["compare"]:
+        if len(paths) != 3:
+            raise EvalError("eval compare needs two result files: yanray eval compare BEFORE.json AFTER.json")
+        print(format_compare(read_result(Path(paths[1])), read_result(Path(paths[2]))))
+        return
+    if len(paths) > 1:
+        raise EvalError(
+            f"eval runs one set at a time, not {len(paths)}: yanray eval [SET.jsonl] --out RESULT.json"
+        )
+    if out is None:
+        raise EvalError("eval needs --out RESULT.json: yanray eval [SET.jsonl] --out RESULT.json")
+    if not out.parent.is_dir():  # found out before the model loads, not after the run
+        raise EvalError(f"{out}: its folder {out.parent} does not exist")
+    check_data_dir(settings)
+    asyncio.run(evaluate(settings, Path(paths[0]) if paths else None, out))
+
+
 def check_data_dir(settings: Settings) -> None:
     """Make sure the data folder exists and takes files, when something will write there
     (the default SQLite database, a downloaded model), so that a wrong YANRAY_DATA_DIR is
@@ -259,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export":
             run_export(settings, args)
+            return 0
+        if args.command == "eval":
+            eval_command(settings, args.paths, args.out)
             return 0
         check_data_dir(settings)
         # one process per SQLite journal, checked before the model loads (which takes a while)
