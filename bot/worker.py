@@ -46,6 +46,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from yanray.bot.claims import Claims
 from yanray.bot.context import system_prompt, too_long
 from yanray.bot.errors import ContextTooLong, DeliveryRefused, EngineError
 from yanray.bot.i18n import N_, normalize, translator
@@ -184,6 +185,8 @@ class EngineWorker:
         self.loop = ToolLoop(tools=tools, max_rounds=settings.tool_rounds)
         self.adapters: dict[str, Adapter] = {}
         self.shown = ShownRecorder(db)
+        #: this process's claims on the requests it answers (several processes on PostgreSQL)
+        self.claims = Claims(db=db, lease=settings.claim_lease)
         self.idle = asyncio.Event()
         self.idle.set()
         #: jobs answered at once: YANRAY_MAX_BATCH, else what the engine batches (1 if it does not say)
@@ -253,10 +256,32 @@ class EngineWorker:
         out.watch(functools.partial(self.shown.record, request_id))
 
     async def recover(self) -> int:
-        """Re-queue what a previous run left unanswered; returns how many requests. A request
-        that runs kept dying on (MAX_ATTEMPTS) is closed as failed instead, with one line."""
+        """Take over what a previous run left unanswered (at start-up); returns how many requests
+        were queued again. On SQLite, everything (this is its one process); on PostgreSQL, what
+        no live process holds."""
+        return await self.take_over(start=True)
+
+    async def take_over(self, *, start: bool = False) -> int:
+        """Claim requests nobody holds and finish them: queue the unanswered ones again, deliver
+        the stored but undelivered ones. A request that runs kept dying on (MAX_ATTEMPTS) is
+        closed as failed instead, with one line. After the start (`Claims.run`), only as many
+        as keep this process's waiting line at `slots`, so a busy process leaves them to idle
+        ones. Returns how many requests were queued again."""
+        everything = start and self.claims.exclusive
+        limit = None
+        if not start:
+            limit = min(self.settings.queue_max, self.slots) - len(self.queue)
+            if limit <= 0:
+                return 0
         async with self.db.transaction() as session:
-            pending = list(await crud.pending_requests(session=session))
+            pending = await crud.take_over(
+                session=session,
+                owner=self.claims.owner,
+                lease=self.claims.lease,
+                platforms=None if everything else list(self.adapters),
+                limit=limit,
+                everything=everything,
+            )
         count = 0
         for request in pending:
             platform = str(request.route.get("platform", ""))
@@ -299,14 +324,16 @@ class EngineWorker:
             self.queue.put(job, reserved=False)
             count += 1
         if count:
-            logger.info("re-queued %d requests left unanswered by the last run", count)
+            logger.info("re-queued %d requests left unanswered by the last run or another process", count)
         return count
 
     async def process(self, job: Job) -> None:
         async with self.db.transaction() as session:  # short: the write lock is not held for reading
-            request = await crud.start_request(session=session, request_id=job.request_id)
+            request = await crud.start_request(
+                session=session, request_id=job.request_id, owner=self.claims.owner, lease=self.claims.lease
+            )
             if request is None:
-                return  # cancelled while it waited
+                return  # cancelled while it waited, or another process took it over
             conversation = await crud.get_conversation(session=session, conversation_id=job.conversation_id)
             assert conversation is not None
             turn = request.user_message_id
@@ -432,6 +459,11 @@ class EngineWorker:
         async with self.db.transaction() as session:
             request = await crud.get_request(session=session, request_id=job.request_id)
             if request is None:
+                return
+            if request.claimed_by not in (None, self.claims.owner):
+                # this process did not renew its claim in time (stalled, cut off from the
+                # database) and another one took the request over: its answer counts
+                logger.warning("request %d: another process took it over; this answer is dropped", job.request_id)
                 return
             if rounds is not None:
                 await self._store_rounds(session, request.conversation_id, job.request_id, turn, rounds)
