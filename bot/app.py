@@ -144,7 +144,9 @@ class Core:
         try:  # the requests this process held go to another process (or the next start) at once
             await self.worker.claims.release()
         except Exception:
-            logger.warning("could not release this process's claims; they pass on when the lease ends", exc_info=True)
+            logger.warning(
+                "could not release this process's claims; they pass on when the lease ends", exc_info=True
+            )
         for tool in self.worker.tools.values():
             if tool.close is not None:
                 tool.close()

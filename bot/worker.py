@@ -43,7 +43,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from yanray.bot.claims import Claims
@@ -300,8 +300,11 @@ class EngineWorker:
             self.track(request.id, out)
             language = normalize(str(request.route.get("language", "")))  # "en" if stored without
             if request.status in ("done", "failed"):
-                await self._deliver(
-                    request.id, out, request.reply_text, request.status == "done", request.error, language
+                await self._hand_over(
+                    self._deliver(
+                        request.id, out, request.reply_text, request.status == "done", request.error, language
+                    ),
+                    wait=start,
                 )
                 continue
             interrupted = translator(language).gettext(INTERRUPTED)
@@ -317,7 +320,9 @@ class EngineWorker:
                     request.id,
                     request.attempts,
                 )
-                await self._deliver(request.id, out, None, False, interrupted, language)
+                await self._hand_over(
+                    self._deliver(request.id, out, None, False, interrupted, language), wait=start
+                )
                 continue
             asker = str(request.route.get("asker", ""))
             job = Job(request.id, request.conversation_id, out, asker=asker, language=language)
@@ -326,6 +331,16 @@ class EngineWorker:
         if count:
             logger.info("re-queued %d requests left unanswered by the last run or another process", count)
         return count
+
+    async def _hand_over(self, delivery: Coroutine[Any, Any, None], *, wait: bool) -> None:
+        """Deliver an answer found stored: at the start, before the worker runs; later (a take-over
+        while this process answers), in the background, so that its leases are renewed on time."""
+        if wait:
+            await delivery
+            return
+        task = asyncio.create_task(delivery)
+        self.deliveries.add(task)
+        task.add_done_callback(self.deliveries.discard)
 
     async def process(self, job: Job) -> None:
         async with self.db.transaction() as session:  # short: the write lock is not held for reading
@@ -463,7 +478,9 @@ class EngineWorker:
             if request.claimed_by not in (None, self.claims.owner):
                 # this process did not renew its claim in time (stalled, cut off from the
                 # database) and another one took the request over: its answer counts
-                logger.warning("request %d: another process took it over; this answer is dropped", job.request_id)
+                logger.warning(
+                    "request %d: another process took it over; this answer is dropped", job.request_id
+                )
                 return
             if rounds is not None:
                 await self._store_rounds(session, request.conversation_id, job.request_id, turn, rounds)

@@ -188,10 +188,19 @@ async def holds(*, session: AsyncSession, request_id: int, owner: str) -> bool:
 
 
 async def renew_claims(*, session: AsyncSession, owner: str, lease: float) -> int:
-    """Extend the lease of every request `owner` holds; returns how many it holds."""
+    """Extend the lease of every request `owner` holds and has not delivered (a request waiting,
+    running, or answered but not yet shown); returns how many. A row another transaction is
+    writing just now (this process storing an answer, say) is skipped, not waited for: waiting
+    could deadlock with a transaction that locks several rows in another order, and the row
+    is renewed at the next round, well within its lease."""
+    held = (
+        select(Request.id)
+        .where(Request.claimed_by == owner, Request.delivered.is_(False))
+        .with_for_update(skip_locked=True)
+    )
     result = await session.execute(
         update(Request)
-        .where(Request.claimed_by == owner)
+        .where(Request.id.in_(held))
         .values(lease_until=_lease_end(session, lease))
         .execution_options(synchronize_session=False)
     )
@@ -199,10 +208,11 @@ async def renew_claims(*, session: AsyncSession, owner: str, lease: float) -> in
 
 
 async def release_claims(*, session: AsyncSession, owner: str) -> None:
-    """Give up every request `owner` holds, so that another process takes them at once."""
+    """Give up every undelivered request `owner` holds, so that another process takes them at
+    once (a delivered one keeps the name of the process that answered it)."""
     await session.execute(
         update(Request)
-        .where(Request.claimed_by == owner)
+        .where(Request.claimed_by == owner, Request.delivered.is_(False))
         .values(claimed_by=None, lease_until=None)
         .execution_options(synchronize_session=False)
     )

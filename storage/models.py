@@ -92,8 +92,8 @@ class Request(Base):
         Index("ix_requests_status", "status"),
         # an edited question finds what showed its answer (`crud.shown_answer`)
         Index("ix_requests_user_message", "user_message_id"),
-        # a process renews, and at shut-down releases, the leases of what it holds
-        Index("ix_requests_claimed_by", "claimed_by"),
+        # a process renews, and at shut-down releases, the leases of what it holds undelivered
+        Index("ix_requests_claimed_by", "claimed_by", "delivered"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -22,7 +22,7 @@ def upgrade() -> None:
     with op.batch_alter_table("requests", schema=None) as batch_op:
         batch_op.add_column(sa.Column("claimed_by", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True))
-        batch_op.create_index("ix_requests_claimed_by", ["claimed_by"])
+        batch_op.create_index("ix_requests_claimed_by", ["claimed_by", "delivered"])
 
 
 def downgrade() -> None:
