@@ -142,7 +142,8 @@ class Core:
             await asyncio.gather(*late, return_exceptions=True)
         await self.worker.shown.flush()
         try:  # the requests this process held go to another process (or the next start) at once
-            await self.worker.claims.release()
+            if not self.worker.claims.exclusive:
+                await self.worker.claims.release()
         except Exception:
             logger.warning(
                 "could not release this process's claims; they pass on when the lease ends", exc_info=True

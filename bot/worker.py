@@ -472,7 +472,7 @@ class EngineWorker:
         if status == "done" and not (reply and reply.strip()):
             reply = translator(job.language).gettext(NO_ANSWER)
         async with self.db.transaction() as session:
-            request = await crud.get_request(session=session, request_id=job.request_id)
+            request = await crud.get_request(session=session, request_id=job.request_id, lock=True)
             if request is None:
                 return
             if request.claimed_by not in (None, self.claims.owner):

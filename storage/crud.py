@@ -155,7 +155,11 @@ async def create_request(
     return request
 
 
-async def get_request(*, session: AsyncSession, request_id: int) -> Request | None:
+async def get_request(*, session: AsyncSession, request_id: int, lock: bool = False) -> Request | None:
+    """The request; with `lock`, its row locked until the transaction ends (PostgreSQL), so
+    that no other process takes it over meanwhile."""
+    if lock:
+        return await session.get(Request, request_id, with_for_update=True, populate_existing=True)
     return await session.get(Request, request_id)
 
 
@@ -179,12 +183,6 @@ async def start_request(
         request.claimed_by = owner
         request.lease_until = _lease_end(session, lease)
     return request
-
-
-async def holds(*, session: AsyncSession, request_id: int, owner: str) -> bool:
-    """Whether `owner` still holds the request (no other process took it over)."""
-    claimed = await session.scalar(select(Request.claimed_by).where(Request.id == request_id))
-    return claimed in (None, owner)
 
 
 async def renew_claims(*, session: AsyncSession, owner: str, lease: float) -> int:

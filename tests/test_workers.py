@@ -3,7 +3,8 @@ each request is answered once, and one that a killed process held is answered by
 after its lease.
 
 Real separate processes (`python -m yanray.bot.cli run`), each with its own webhook port,
-in front of the fake Bot API and the fake OpenAI server of this test process. They run in
+in front of the fake Bot API and the fake OpenAI server of this test process; and two cores
+in this process for the hand-over at a stop. They run in
 the PostgreSQL pass (`scripts/postgres-tests.sh`); without TEST_POSTGRES_URL they are
 skipped, since SQLite takes one process (tests/test_start.py checks that refusal).
 """
@@ -27,8 +28,12 @@ import pytest
 
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.telegram_server import FakeTelegram
+from tests.recording import RecordingAdapter
+from tests.scripted_engine import ScriptedEngine
 from tests.test_cli import env
+from tests.test_core import ask
 from tests.waiting import until
+from yanray.storage import Database, crud
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("TEST_POSTGRES_URL"), reason="several workers need PostgreSQL (TEST_POSTGRES_URL)"
@@ -281,3 +286,46 @@ async def test_requests_a_killed_worker_held_are_answered_by_the_other_after_the
     assert sorted(q for q in asked(openai) if q.startswith("hold")) == sorted(
         [f"hold {user}" for user in held] + [f"hold {user}" for user in held[:2]]
     )
+
+
+async def test_a_stopping_process_gives_up_what_it_holds_and_another_answers_it(
+    make_settings: Any, core_factory: Any
+) -> None:
+    """Two cores on one database stand in for two processes. The first stops (SIGTERM) with one
+    question being answered and two waiting: it releases them with their starts given back,
+    and the second answers all three at its start, through their stored routes."""
+    settings = make_settings(tools=[], claim_lease=60)  # only the release can hand them over
+    first = ScriptedEngine(responder=lambda m: "never")
+    hang = asyncio.Event()
+    first.before_reply = hang.wait  # type: ignore[assignment]
+    stopping = await core_factory(settings, first)
+    for text in ("one", "two", "three"):
+        await ask(stopping, text)
+    await until(lambda: first.prompts, what="the first process answers the first question")
+    async with stopping.db.transaction() as session:
+        held = {r.claimed_by for r in await crud.pending_requests(session=session)}
+    assert held == {stopping.worker.claims.owner}
+    await stopping.aclose()
+    db = await Database.open(settings.resolved_database_url)
+    try:
+        async with db.transaction() as session:
+            left = list(await crud.pending_requests(session=session))
+    finally:
+        await db.close()
+    assert [(r.status, r.attempts, r.claimed_by) for r in left] == [
+        ("running", 0, None),
+        ("queued", 0, None),
+        ("queued", 0, None),
+    ]
+
+    adapter = RecordingAdapter("test")
+    second = ScriptedEngine(responder=lambda m: f"answer to {m[-1].content}")
+    taking = await core_factory(settings, second, adapters=(adapter,))
+    answers = sorted([await stream.wait() or "" for _route, stream in adapter.reopened])
+    assert answers == ["answer to one", "answer to three", "answer to two"]
+    await taking.wait_idle()
+    async with taking.db.transaction() as session:
+        done = [await crud.get_request(session=session, request_id=r.id) for r in left]
+    assert [(r.status, r.attempts, r.claimed_by) for r in done if r is not None] == [
+        ("done", 1, taking.worker.claims.owner)
+    ] * 3
