@@ -5,7 +5,8 @@ queue, worker and dispatcher around the given engine, all reporting to one `Metr
 (`bot/metrics.py`; the entry point may pass its own, which its HTTP listener serves). Adapters are added with
 `add_adapter()` before `start()`, so requests recovered from the journal can be
 answered on their platform. `aclose()` stops the worker; a request it was answering
-stays `running` in storage and is answered again at the next start.
+stays `running` in storage and is answered again at the next start, or at once by another
+process on the same PostgreSQL database (its claims are released; see `bot/claims.py`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Core:
             settings=settings, db=db, queue=self.queue, worker=self.worker, metrics=self.metrics
         )
         self._task: asyncio.Task[None] | None = None
+        self._claims: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, settings: Settings, engine: Engine, *, metrics: Metrics | None = None) -> Core:
@@ -99,6 +101,10 @@ class Core:
         """Re-queue what the last run left unanswered and start the worker."""
         await self.worker.recover()
         self._task = asyncio.create_task(self.worker.run(), name="yanray-engine-worker")
+        if not self.worker.claims.exclusive:  # other processes may share the database
+            self._claims = asyncio.create_task(
+                self.worker.claims.run(self.worker.take_over), name="yanray-claims"
+            )
 
     async def wait_idle(self) -> None:
         """Until nothing is queued or running (tests and the pipe mode of `yanray chat`)."""
@@ -127,6 +133,11 @@ class Core:
                     [job.request_id for job in running],
                     exc_info=True,
                 )
+        if self._claims is not None:
+            self._claims.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._claims
+            self._claims = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -139,6 +150,13 @@ class Core:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         await self.worker.shown.flush()
+        try:  # the requests this process held go to another process (or the next start) at once
+            if not self.worker.claims.exclusive:
+                await self.worker.claims.release()
+        except Exception:
+            logger.warning(
+                "could not release this process's claims; they pass on when the lease ends", exc_info=True
+            )
         for tool in self.worker.tools.values():
             if tool.close is not None:
                 tool.close()

@@ -301,6 +301,8 @@ class Dispatcher:
                     conversation_id=conversation.id,
                     user_message_id=message.id,
                     route=self._route(incoming, language),
+                    owner=self.worker.claims.owner,
+                    lease=self.worker.claims.lease,
                 )
         except QueueFull as exc:
             logger.info("queue full for %s:%s", incoming.platform, incoming.chat_id)
@@ -346,6 +348,8 @@ class Dispatcher:
                     conversation_id=conversation_id,
                     user_message_id=message_id,
                     route=self._route(incoming, language),
+                    owner=self.worker.claims.owner,
+                    lease=self.worker.claims.lease,
                 )
         except BaseException:
             self.queue.release(conversation_id)

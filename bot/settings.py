@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     request_timeout: float = Field(default=300.0, gt=0)
     queue_max: int = Field(default=200, ge=1)
     queue_per_conversation: int = Field(default=5, ge=1)
+    #: seconds a process's claim on its requests holds unless renewed (PostgreSQL, several
+    #: processes): a process that dies leaves its requests to the others after this long
+    claim_lease: float = Field(default=30.0, ge=1)
 
     # -- access ------------------------------------------------------------------------
     allowed_users: CommaList = Field(default_factory=list)  # "telegram:123", "discord:456"; empty = all

@@ -44,9 +44,10 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
+from yanray.bot.claims import Claims
 from yanray.bot.context import system_prompt, too_long
 from yanray.bot.errors import AdapterStopped, ContextTooLong, DeliveryRefused, EngineError
 from yanray.bot.i18n import N_, normalize, translator
@@ -207,6 +208,8 @@ class EngineWorker:
         )
         self.adapters: dict[str, Adapter] = {}
         self.shown = ShownRecorder(db)
+        #: this process's claims on the requests it answers (several processes on PostgreSQL)
+        self.claims = Claims(db=db, lease=settings.claim_lease)
         self.idle = asyncio.Event()
         self.idle.set()
         #: jobs answered at once: YANRAY_MAX_BATCH, else what the engine batches (1 if it does not say)
@@ -290,10 +293,32 @@ class EngineWorker:
         out.watch(functools.partial(self.shown.record, request_id))
 
     async def recover(self) -> int:
-        """Re-queue what a previous run left unanswered; returns how many requests. A request
-        that runs kept dying on (MAX_ATTEMPTS) is closed as failed instead, with one line."""
+        """Take over what a previous run left unanswered (at start-up); returns how many requests
+        were queued again. On SQLite, everything (this is its one process); on PostgreSQL, what
+        no live process holds."""
+        return await self.take_over(start=True)
+
+    async def take_over(self, *, start: bool = False) -> int:
+        """Claim requests nobody holds and finish them: queue the unanswered ones again, deliver
+        the stored but undelivered ones. A request that runs kept dying on (MAX_ATTEMPTS) is
+        closed as failed instead, with one line. After the start (`Claims.run`), only as many
+        as keep this process's waiting line at `slots`, so a busy process leaves them to idle
+        ones. Returns how many requests were queued again."""
+        everything = start and self.claims.exclusive
+        limit = None
+        if not start:
+            limit = min(self.settings.queue_max, self.slots) - len(self.queue)
+            if limit <= 0:
+                return 0
         async with self.db.transaction() as session:
-            pending = list(await crud.pending_requests(session=session))
+            pending = await crud.take_over(
+                session=session,
+                owner=self.claims.owner,
+                lease=self.claims.lease,
+                platforms=None if everything else list(self.adapters),
+                limit=limit,
+                everything=everything,
+            )
         count = 0
         for request in pending:
             platform = str(request.route.get("platform", ""))
@@ -312,8 +337,11 @@ class EngineWorker:
             self.track(request.id, out)
             language = normalize(str(request.route.get("language", "")))  # "en" if stored without
             if request.status in ("done", "failed"):
-                await self._deliver(
-                    request.id, out, request.reply_text, request.status == "done", request.error, language
+                await self._hand_over(
+                    self._deliver(
+                        request.id, out, request.reply_text, request.status == "done", request.error, language
+                    ),
+                    wait=start,
                 )
                 continue
             interrupted = translator(language).gettext(INTERRUPTED)
@@ -330,21 +358,35 @@ class EngineWorker:
                     request.attempts,
                 )
                 self.metrics.request_finished("failed")
-                await self._deliver(request.id, out, None, False, interrupted, language)
+                await self._hand_over(
+                    self._deliver(request.id, out, None, False, interrupted, language), wait=start
+                )
                 continue
             asker = str(request.route.get("asker", ""))
             job = Job(request.id, request.conversation_id, out, asker=asker, language=language)
             self.queue.put(job, reserved=False)
             count += 1
         if count:
-            logger.info("re-queued %d requests left unanswered by the last run", count)
+            logger.info("re-queued %d requests left unanswered by the last run or another process", count)
         return count
+
+    async def _hand_over(self, delivery: Coroutine[Any, Any, None], *, wait: bool) -> None:
+        """Deliver an answer found stored: at the start, before the worker runs; later (a take-over
+        while this process answers), in the background, so that its leases are renewed on time."""
+        if wait:
+            await delivery
+            return
+        task = asyncio.create_task(delivery)
+        self.deliveries.add(task)
+        task.add_done_callback(self.deliveries.discard)
 
     async def process(self, job: Job) -> None:
         async with self.db.transaction() as session:  # short: the write lock is not held for reading
-            request = await crud.start_request(session=session, request_id=job.request_id)
+            request = await crud.start_request(
+                session=session, request_id=job.request_id, owner=self.claims.owner, lease=self.claims.lease
+            )
             if request is None:
-                return  # cancelled while it waited
+                return  # cancelled while it waited, or another process took it over
             conversation = await crud.get_conversation(session=session, conversation_id=job.conversation_id)
             assert conversation is not None
             turn = request.user_message_id
@@ -495,8 +537,15 @@ class EngineWorker:
         if status == "done" and not (reply and reply.strip()):
             reply = translator(job.language).gettext(NO_ANSWER)
         async with self.db.transaction() as session:
-            request = await crud.get_request(session=session, request_id=job.request_id)
+            request = await crud.get_request(session=session, request_id=job.request_id, lock=True)
             if request is None:
+                return
+            if request.claimed_by not in (None, self.claims.owner):
+                # this process did not renew its claim in time (stalled, cut off from the
+                # database) and another one took the request over: its answer counts
+                logger.warning(
+                    "request %d: another process took it over; this answer is dropped", job.request_id
+                )
                 return
             if rounds is not None:
                 await self._store_rounds(session, request.conversation_id, job.request_id, turn, rounds)

@@ -25,4 +25,5 @@ trap stop EXIT
   -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
 "${as_owner[@]}" "$bin/createdb" -h 127.0.0.1 -p "$port" -U yanray yanray
 TEST_POSTGRES_URL="postgresql+asyncpg://yanray@127.0.0.1:$port/yanray" \
-  .venv/bin/pytest -q tests/test_core.py tests/test_toolloop.py tests/test_limits.py tests/test_i18n.py "$@"
+  .venv/bin/pytest -q tests/test_core.py tests/test_toolloop.py tests/test_limits.py tests/test_i18n.py \
+  tests/test_migrations.py tests/test_workers.py "$@"

@@ -2,15 +2,23 @@
 
 The caller owns the transaction (`Database.transaction()`), so several calls commit
 together: the request is marked done in the same transaction that stores the reply.
+
+Claims (several processes on one PostgreSQL database): a request is held by one process,
+`Request.claimed_by`, until `Request.lease_until`. The process that stores a request claims
+it; it renews the leases of everything it holds (`renew_claims`) and gives them up when it
+stops (`release_claims`); `take_over` claims what nobody holds, or what a process that died
+stopped renewing, with `FOR UPDATE SKIP LOCKED` so that two processes never take the same
+row. Lease times are the database's clock on PostgreSQL (one clock for every host), this
+process's on SQLite, where one process holds the database anyway.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Collection, Sequence
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -117,9 +125,32 @@ async def add_message(
     return message
 
 
+def _now(session: AsyncSession) -> Any:
+    """The time leases are measured in: the database's on PostgreSQL, this process's elsewhere."""
+    if session.get_bind().dialect.name == "postgresql":
+        return func.now()
+    return utcnow()
+
+
+def _lease_end(session: AsyncSession, seconds: float) -> Any:
+    return _now(session) + timedelta(seconds=seconds)
+
+
+def _unclaimed(session: AsyncSession) -> ColumnElement[bool]:
+    """Held by nobody: never claimed, released, or its holder stopped renewing it."""
+    return or_(Request.claimed_by.is_(None), Request.lease_until < _now(session))
+
+
 async def create_request(
-    *, session: AsyncSession, conversation_id: int, user_message_id: int, route: dict[str, Any]
+    *,
+    session: AsyncSession,
+    conversation_id: int,
+    user_message_id: int,
+    route: dict[str, Any],
+    owner: str | None = None,
+    lease: float = 0.0,
 ) -> Request:
+    """Store a queued request, claimed by `owner` for `lease` seconds when given."""
     request = Request(
         conversation_id=conversation_id,
         user_message_id=user_message_id,
@@ -127,25 +158,106 @@ async def create_request(
         route=dict(route),
         delivered=False,
         attempts=0,
+        claimed_by=owner,
+        lease_until=_lease_end(session, lease) if owner is not None else None,
     )
     session.add(request)
     await session.flush()
     return request
 
 
-async def get_request(*, session: AsyncSession, request_id: int) -> Request | None:
+async def get_request(*, session: AsyncSession, request_id: int, lock: bool = False) -> Request | None:
+    """The request; with `lock`, its row locked until the transaction ends (PostgreSQL), so
+    that no other process takes it over meanwhile."""
+    if lock:
+        return await session.get(Request, request_id, with_for_update=True, populate_existing=True)
     return await session.get(Request, request_id)
 
 
-async def start_request(*, session: AsyncSession, request_id: int) -> Request | None:
-    """Mark a queued request running; None if it is no longer queued (cancelled meanwhile)."""
-    request = await session.get(Request, request_id)
+async def start_request(
+    *, session: AsyncSession, request_id: int, owner: str | None = None, lease: float = 0.0
+) -> Request | None:
+    """Mark a queued request running (claimed by `owner`, when given); None if it is no longer
+    queued (cancelled meanwhile) or another process holds it (it took the request over while
+    this one did not renew its lease)."""
+    request = await session.get(Request, request_id, with_for_update=True, populate_existing=True)
     if request is None or request.status != "queued":
         return None
+    if owner is not None and request.claimed_by not in (None, owner):
+        held = await session.scalar(select(Request.id).where(Request.id == request_id, _unclaimed(session)))
+        if held is None:
+            return None
     request.status = "running"
     request.attempts += 1
     request.started_at = utcnow()
+    if owner is not None:
+        request.claimed_by = owner
+        request.lease_until = _lease_end(session, lease)
     return request
+
+
+async def renew_claims(*, session: AsyncSession, owner: str, lease: float) -> int:
+    """Extend the lease of every request `owner` holds and has not delivered (a request waiting,
+    running, or answered but not yet shown); returns how many. A row another transaction is
+    writing just now (this process storing an answer, say) is skipped, not waited for: waiting
+    could deadlock with a transaction that locks several rows in another order, and the row
+    is renewed at the next round, well within its lease."""
+    held = (
+        select(Request.id)
+        .where(Request.claimed_by == owner, Request.delivered.is_(False))
+        .with_for_update(skip_locked=True)
+    )
+    result = await session.execute(
+        update(Request)
+        .where(Request.id.in_(held))
+        .values(lease_until=_lease_end(session, lease))
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def release_claims(*, session: AsyncSession, owner: str) -> None:
+    """Give up every undelivered request `owner` holds, so that another process takes them at
+    once (a delivered one keeps the name of the process that answered it)."""
+    await session.execute(
+        update(Request)
+        .where(Request.claimed_by == owner, Request.delivered.is_(False))
+        .values(claimed_by=None, lease_until=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def take_over(
+    *,
+    session: AsyncSession,
+    owner: str,
+    lease: float,
+    platforms: Collection[str] | None = None,
+    limit: int | None = None,
+    everything: bool = False,
+) -> list[Request]:
+    """Claim, oldest first, the requests left to finish that no process holds (`everything`:
+    held or not, for the one process of a SQLite database): queued, running, or done but not
+    delivered. Only those of `platforms`, when given; at most `limit`. Rows another
+    transaction is claiming are skipped (`SKIP LOCKED`), never waited for or taken twice."""
+    pending = Request.status.in_(PENDING) | (
+        Request.status.in_(("done", "failed")) & Request.delivered.is_(False)
+    )
+    query = select(Request).where(pending)
+    if not everything:
+        query = query.where(_unclaimed(session))
+    if platforms is not None:
+        query = query.where(Request.route["platform"].as_string().in_(list(platforms)))
+    query = query.order_by(Request.id).limit(limit).with_for_update(skip_locked=True)
+    requests = list((await session.scalars(query.execution_options(populate_existing=True))).all())
+    if requests:
+        await session.execute(
+            update(Request)
+            .where(Request.id.in_([r.id for r in requests]))
+            .values(claimed_by=owner, lease_until=_lease_end(session, lease))
+            .execution_options(synchronize_session=False)
+        )
+    return requests
 
 
 async def finish_request(

@@ -9,7 +9,8 @@ nothing (`Database.reading()`) takes no write lock: on SQLite it begins a deferr
 transaction, which in WAL mode reads a snapshot while writers go on.
 
 The schema is Alembic's: `Database.open()` upgrades to the newest revision at start-up
-and refuses a database whose revision this Yanray does not know (written by a newer one),
+(several processes starting on one PostgreSQL database at once take turns, under an advisory
+lock) and refuses a database whose revision this Yanray does not know (written by a newer one),
 one with Yanray's tables but no `alembic_version` (upgrading it would try to create them
 again), and one that lacks a table after the upgrade (dropped by hand): each in one line
 at start, rather than as a failed query at the first message. A URL that no installed
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+#: the PostgreSQL advisory lock held while migrations run ("yanr" in ASCII)
+MIGRATION_LOCK = 0x79616E72
 #: the execution option `Database.reading()` marks its connection with
 READ_ONLY = "yanray_read_only"
 
@@ -81,6 +84,10 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
 
 
 def _upgrade(connection: Connection, url: str) -> None:
+    if connection.dialect.name == "postgresql":
+        # several processes starting on one database at once: one upgrades, the others wait for
+        # its transaction and then find the schema current (the lock ends with the transaction)
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
     config = _alembic_config()
     script = ScriptDirectory.from_config(config)
     current = MigrationContext.configure(connection).get_current_revision()

@@ -11,7 +11,7 @@ the file itself stays (removing it would let a process that opened the old file 
 removal and one that creates a new file both hold "the" lock).
 
 PostgreSQL is not locked here: several processes on one PostgreSQL database is how the
-deployment scales out, and its requests are claimed in the database itself.
+deployment scales out, and its requests are claimed in the database itself (`bot/claims.py`).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class DatabaseLock:
             who = f"PID {holder}" if holder else "another process"
             raise StorageError(
                 f"Another Yanray ({who}) is already using {database}; stop it first, "
-                "or give this one its own YANRAY_DATA_DIR."
+                "or give this one its own YANRAY_DATA_DIR (a SQLite database takes one Yanray; "
+                "several share a PostgreSQL YANRAY_DATABASE_URL)."
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

@@ -93,6 +93,8 @@ class Request(Base):
         Index("ix_requests_status", "status"),
         # an edited question finds what showed its answer (`crud.shown_answer`)
         Index("ix_requests_user_message", "user_message_id"),
+        # a process renews, and at shut-down releases, the leases of what it holds undelivered
+        Index("ix_requests_claimed_by", "claimed_by", "delivered"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -110,6 +112,10 @@ class Request(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: the process answering (or holding in its queue) this request, and until when its claim
+    #: holds unless renewed (`crud.renew_claims`); NULL: any process may take it
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class BlockedChat(Base):

@@ -29,6 +29,7 @@ async def test_a_second_process_on_the_same_database_is_refused(tmp_path: Path) 
             code, out, err = await yanray(["chat"], environ, "hello too\n", cwd=tmp_path)
             assert code == 1 and out == ""
             assert err.count("\n") == 1 and f"Another Yanray (PID {first.pid})" in err
+            assert "a SQLite database takes one Yanray; several share a PostgreSQL" in err
             assert "Traceback" not in err
         finally:
             first.stdin.close()
