@@ -240,8 +240,8 @@ def _write_weights(
             merged = tensor if adapter is None else adapter.merge(name, tensor)
             if name in quantized:
                 qweight, scale = quantize_rows(merged)
-                if merged is not tensor and survival is not None:
-                    survival.add(name, tensor, merged, qweight, scale)
+                if adapter is not None and merged is not tensor and survival is not None:
+                    survival.add(name, tensor, merged, qweight, scale, adapter.factors[name])
                 writer.add(name, qweight)
                 writer.add(name.removesuffix("weight") + "weight_scale", scale)
             else:

@@ -376,15 +376,21 @@ def check_release(adapter: LoraAdapter, model_names: list[str]) -> None:
 class Survival:
     """How much of the merged change an INT8 copy keeps, per target and overall.
 
-    kept = ||Q(W+ΔW) − Q(W)|| / ||ΔW|| and error = ||Q(W+ΔW) − Q(W) − ΔW|| / ||ΔW||, with Q the
-    per-row INT8 round trip (`engine/int8_linear.py`). kept near 1 with a small error: the
-    change survives. An error near or above 1: the INT8 weights do not carry the change; when
-    the change is far below INT8's rounding step, most weights do not move and the few near a
-    rounding edge jump a whole step, so kept is then well above 1 (noise), not below it.
+    With Q the per-row INT8 round trip (`engine/int8_linear.py`), C = Q(W+ΔW) − Q(W) the
+    change between the INT8 models with and without the adapter, and all three over ||ΔW||:
+
+    - kept = ||C||: near 1 when the change comes through;
+    - error = ||C − ΔW||, element by element: when ΔW is below INT8's rounding step, most
+      weights do not move and the few near a rounding edge jump a whole step, so kept and error
+      are then both large (rounding noise), although the noise averages out to ΔW;
+    - error_along_adapter = ||P_B (C − ΔW) P_A||, that error inside the directions the adapter
+      works in (the column space of B, the row space of A): what a LoRA changes in the
+      activations. Rounding noise spreads over every direction, so this stays small where the
+      element-wise error is large; near 1, INT8 has lost the change itself.
     """
 
     def __init__(self) -> None:
-        self._sums: dict[str, list[float]] = {}  # target -> [kept², delta², error²]
+        self._sums: dict[str, list[float]] = {}  # target -> [kept², delta², error², along²]
 
     def add(
         self,
@@ -393,37 +399,49 @@ class Survival:
         merged: torch.Tensor,
         qweight: torch.Tensor,
         scale: torch.Tensor,
+        factors: tuple[torch.Tensor, torch.Tensor],
         *,
         chunk_rows: int = 4096,
     ) -> None:
-        """Count one merged weight: `base` W, `merged` W+ΔW and its INT8 pair (`qweight`, `scale`)."""
+        """Count one merged weight: `base` W, `merged` W+ΔW, its INT8 pair (`qweight`, `scale`),
+        and the adapter's (B, A) for it."""
         from yanray.engine.int8_linear import quantize_rows
 
-        sums = self._sums.setdefault(target_of(name), [0.0, 0.0, 0.0])
+        b, a = factors
+        basis_out = torch.linalg.qr(b.float()).Q  # (out, r): B's column space
+        basis_in = torch.linalg.qr(a.float().T).Q  # (in, r): A's row space
+        along = torch.zeros(basis_out.shape[1], basis_in.shape[1], dtype=torch.float64)  # (r, r)
+        sums = self._sums.setdefault(target_of(name), [0.0, 0.0, 0.0, 0.0])
         for start in range(0, base.shape[0], chunk_rows):  # bounded fp32 temporaries, as quantize_rows
             rows = slice(start, start + chunk_rows)
             w = base[rows].float()
-            delta = merged[rows].float() - w  # (r, in)
+            delta = merged[rows].float() - w  # (rows, in)
             q_base, s_base = quantize_rows(w)
             change = qweight[rows].float() * scale[rows, None] - q_base.float() * s_base[:, None]
+            miss = change - delta
             sums[0] += float(change.square().sum(dtype=torch.float64))
             sums[1] += float(delta.square().sum(dtype=torch.float64))
-            sums[2] += float((change - delta).square().sum(dtype=torch.float64))
+            sums[2] += float(miss.square().sum(dtype=torch.float64))
+            along += (basis_out[rows].T @ (miss @ basis_in)).double()  # (r, rows) @ (rows, r)
+        sums[3] += float(along.square().sum())
 
     def figures(self) -> dict[str, dict[str, float]]:
-        """{target or "overall": {"kept": ..., "error": ...}}, targets in TARGETS order."""
-        totals = [sum(s[i] for s in self._sums.values()) for i in range(3)]
+        """{target or "overall": {"kept", "error", "error_along_adapter"}}, targets in TARGETS order."""
+        totals = [sum(s[i] for s in self._sums.values()) for i in range(4)]
         rows = [(t, self._sums[t]) for t in TARGETS if t in self._sums] + [("overall", totals)]
         return {
             target: {
-                "kept": math.sqrt(kept / delta) if delta else 0.0,
-                "error": math.sqrt(error / delta) if delta else 0.0,
+                key: math.sqrt(value / delta) if delta else 0.0
+                for key, value in (("kept", kept), ("error", error), ("error_along_adapter", along))
             }
-            for target, (kept, delta, error) in rows
+            for target, (kept, delta, error, along) in rows
         }
 
 
 def survival_line(figures: Mapping[str, Mapping[str, float]]) -> str:
     """`Survival.figures()` (as an INT8 manifest records them) in one line for the operator."""
-    parts = [f"{t} {f['kept']:.3f} (error {f['error']:.3f})" for t, f in figures.items()]
+    parts = [
+        f"{t} {f['kept']:.3f} (error {f['error']:.3f}, along the adapter {f['error_along_adapter']:.3f})"
+        for t, f in figures.items()
+    ]
     return "LoRA change kept through INT8, ||Q(W+dW) - Q(W)|| / ||dW||: " + "; ".join(parts)
