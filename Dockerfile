@@ -29,6 +29,7 @@ COPY bot/ bot/
 COPY engine/ engine/
 COPY adapters/ adapters/
 COPY storage/ storage/
+COPY evals/ evals/
 RUN /opt/yanray/bin/pip install "torch==${TORCH_VERSION}" .
 
 FROM ${PYTHON_IMAGE}

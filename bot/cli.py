@@ -1,6 +1,6 @@
-"""The `yanray` command: `chat` in a terminal, `run` the bots, `quantize` a model to INT8,
-`export` the conversations as a training dataset, `eval` a model on a prompt set (and
-`eval compare` two runs).
+"""The `yanray` command: `chat` in a terminal, `run` the bots, `quantize` a model to INT8
+(merging a LoRA adapter first with `--lora`), `export` the conversations as a training
+dataset, `eval` a model on a prompt set (and `eval compare` two runs).
 
 Everything is built here once and passed in (settings, engine, core, adapters).
 Logging is configured here, to standard error; standard output carries only the
@@ -67,10 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize",
         help="turn a model folder into a Yanray INT8 folder",
         description="Quantize a ChatGLM3 release folder (or another supported model) to INT8 weights, "
-        "on the CPU, shard by shard. Then set YANRAY_MODEL=DST.",
+        "on the CPU, shard by shard. Then set YANRAY_MODEL=DST. With --lora, a PEFT LoRA adapter "
+        "trained on ChatGLM3 is merged in fp32 first; the manifest records its sha256 and how much "
+        "of its change INT8 keeps.",
     )
     quantize.add_argument("src", type=Path, help="model folder (config.json, tokenizer.model, weights)")
     quantize.add_argument("dst", type=Path, help="output folder for the INT8 model")
+    quantize.add_argument(
+        "--lora",
+        type=Path,
+        metavar="ADAPTER",
+        help="PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) to merge first; "
+        "targets query_key_value, dense, dense_h_to_4h, dense_4h_to_h. DoRA, PiSSA/OLoRA inits, "
+        "rank/alpha patterns, trained biases and modules_to_save are refused",
+    )
+    quantize.add_argument(
+        "--lora-scale",
+        type=float,
+        metavar="S",
+        help="multiply the adapter's scale (lora_alpha/r, or lora_alpha/sqrt(r) with rsLoRA) by S (default 1)",
+    )
     add_export_parser(commands)
     evaluate = commands.add_parser(
         "eval",
@@ -135,6 +151,7 @@ async def build_engine(settings: Settings) -> Engine:
         kv_cache_gb=settings.kv_cache_gb,
         compile=settings.compile,
         max_batch=settings.max_batch,
+        lora=settings.lora or None,
     )
 
 
@@ -239,10 +256,20 @@ async def _run(
         await engine.aclose()
 
 
-def quantize(src: Path, dst: Path) -> None:
+def quantize(src: Path, dst: Path, lora: Path | None = None, lora_scale: float | None = None) -> None:
     from yanray.engine.int8 import quantize_folder
 
-    quantize_folder(src, dst, progress=True)
+    if lora_scale is not None and lora is None:
+        raise ConfigError("--lora-scale needs --lora ADAPTER")
+    manifest = quantize_folder(
+        src, dst, progress=True, lora=lora, lora_scale=1.0 if lora_scale is None else lora_scale
+    )
+    if "lora" in manifest:
+        from yanray.engine.chatglm3.lora import survival_line
+
+        merged = manifest["lora"]
+        print(f"Merged the LoRA adapter {lora} (sha256 {merged['sha256']}, scale {merged['scale']:g}).")
+        print(survival_line(merged["kept_through_int8"]) + ".")
     print(f"INT8 model written to {dst}. Use it with YANRAY_MODEL={dst}")
 
 
@@ -333,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         configure_logging(settings.log_level, settings.log_format)
         if args.command == "quantize":
-            quantize(args.src, args.dst)
+            quantize(args.src, args.dst, args.lora, args.lora_scale)
             return 0
         if args.command == "export":
             run_export(settings, args)

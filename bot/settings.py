@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     kv_cache_gb: float | None = Field(default=None, ge=0)  # kept conversations; unset/auto: what is left
     compile: Literal["auto", "on", "off"] = "auto"  # compiled decode (engine/compiled.py); auto: on with CUDA
     max_batch: int | None = Field(default=None, ge=1, le=64)  # answered at once; unset/auto: the engine's
+    lora: str = ""  # a PEFT LoRA adapter folder merged into a 16-bit ChatGLM3 model at load; empty: none
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_model: str = "chatglm3-6b-32k"
     openai_api_key: SecretStr | None = None
@@ -263,6 +264,15 @@ class Settings(BaseSettings):
                 f"YANRAY_MAX_CONTEXT={self.max_context} leaves no room for a question once "
                 f"YANRAY_MAX_NEW_TOKENS={self.max_new_tokens} is reserved for the reply; raise "
                 "YANRAY_MAX_CONTEXT (0 is the model's own) or lower YANRAY_MAX_NEW_TOKENS"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_needs_the_local_engine(self) -> Settings:
+        # merged only by the local engine; elsewhere it would be silently ignored
+        if self.lora and self.engine != "local":
+            raise ValueError(
+                "YANRAY_LORA is merged by the local engine; with YANRAY_ENGINE=openai, serve the adapter there"
             )
         return self
 

@@ -17,6 +17,11 @@ The folder (format version 1):
   other tensor under the transformers name, 16-bit (fp16, bf16 where fp16 would overflow);
 - the tokenizer files and chat template, copied. No pickle anywhere.
 
+With `lora` (`yanray quantize --lora`), a PEFT LoRA adapter is merged into each weight it
+changes, in fp32, before that weight is quantized (`engine/chatglm3/lora.py`; ChatGLM3 only).
+The manifest's `lora` entry then records the adapter (its weights' sha256, r, alpha, scale,
+targets) and `kept_through_int8`, how much of the change the INT8 weights keep.
+
 Quantizing runs on the CPU one source shard at a time (`.bin` shards are memory-mapped),
 each weight in 4096-row chunks, and writes an output shard every `SHARD_BYTES`, so peak
 memory is about one input shard plus one output shard. It writes into `DST.partial` and
@@ -46,6 +51,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from yanray.engine.base import EngineUnavailable
+from yanray.engine.chatglm3.lora import LoraAdapter, Survival, check_release, read_adapter, survival_line
 from yanray.engine.int8_linear import convert_for_runtime, pick_kernel, quantize_rows, set_kernel
 from yanray.engine.skeleton import block_linears, meta_model, rebuild_meta_buffers
 
@@ -216,8 +222,10 @@ def _write_weights(
     quantized: set[str],
     tied_head: set[str],
     progress: bool,
+    adapter: LoraAdapter | None = None,
+    survival: Survival | None = None,
 ) -> int:
-    """Convert, quantize and write every tensor of `src` into `work`; the bytes written."""
+    """Convert, (merge,) quantize and write every tensor of `src` into `work`; the bytes written."""
     writer = _ShardWriter(work, SHARD_BYTES)
     seen: set[str] = set()
     total = sum(p.stat().st_size for p in _weight_files(src))
@@ -229,21 +237,52 @@ def _write_weights(
             if name not in expected:
                 raise ValueError(f"tensor {name} is not part of the model")
             seen.add(name)
+            merged = tensor if adapter is None else adapter.merge(name, tensor)
             if name in quantized:
-                qweight, scale = quantize_rows(tensor)
+                qweight, scale = quantize_rows(merged)
+                if adapter is not None and merged is not tensor and survival is not None:
+                    survival.add(name, tensor, merged, qweight, scale, adapter.factors[name])
                 writer.add(name, qweight)
                 writer.add(name.removesuffix("weight") + "weight_scale", scale)
             else:
-                writer.add(name, _stored(tensor))
+                writer.add(name, _stored(merged))
+            del merged
         bar.update(max(0, total - bar.n))  # file headers
     missing = sorted(expected - seen - tied_head)
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    if adapter is not None and not set(adapter.factors) <= seen:
+        raise ValueError(f"the adapter changes {sorted(set(adapter.factors) - seen)[0]}, not in the model")
     return writer.finish()
 
 
-def quantize_folder(src: Path, dst: Path, *, progress: bool = True, keep_16bit_outer: bool = False) -> None:
-    """Quantize a ChatGLM3 release (or a transformers safetensors folder) into a Yanray INT8 folder."""
+def _adapter(src: Path, cfg: dict[str, Any], arch: str, lora: Path, lora_scale: float) -> LoraAdapter:
+    from yanray.engine.chatglm3.weights import is_chatglm3_config
+
+    if arch != "chatglm3" or not is_chatglm3_config(cfg):
+        raise EngineUnavailable(
+            f"--lora: {src} is not a ChatGLM3 release folder; adapters merge only into ChatGLM3"
+        )
+    adapter = read_adapter(lora, cfg, lora_scale=lora_scale)
+    check_release(adapter, [str(cfg.get("_name_or_path", "")), src.name])
+    logger.info("merging %s", adapter.describe())
+    return adapter
+
+
+def quantize_folder(
+    src: Path,
+    dst: Path,
+    *,
+    progress: bool = True,
+    keep_16bit_outer: bool = False,
+    lora: Path | None = None,
+    lora_scale: float = 1.0,
+) -> dict[str, Any]:
+    """Quantize a ChatGLM3 release (or a transformers safetensors folder) into a Yanray INT8 folder.
+
+    `lora`: a PEFT LoRA adapter folder merged first, scaled by `lora_scale` (ChatGLM3 only).
+    Returns the manifest written.
+    """
     from yanray.engine.chatglm3.weights import read_config
 
     src, dst = Path(src), Path(dst)
@@ -260,6 +299,8 @@ def quantize_folder(src: Path, dst: Path, *, progress: bool = True, keep_16bit_o
     expected = set(skeleton.model.state_dict())
     tied_head = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     del skeleton
+    adapter = _adapter(src, cfg, arch, lora, lora_scale) if lora is not None else None
+    survival = Survival() if adapter is not None else None
 
     work = dst.with_name(dst.name + ".partial")
     if work.exists():
@@ -275,6 +316,8 @@ def quantize_folder(src: Path, dst: Path, *, progress: bool = True, keep_16bit_o
             quantized=quantized,
             tied_head=tied_head,
             progress=progress,
+            adapter=adapter,
+            survival=survival,
         )
     except (OSError, ValueError, KeyError) as exc:
         shutil.rmtree(work, ignore_errors=True)
@@ -291,11 +334,15 @@ def quantize_folder(src: Path, dst: Path, *, progress: bool = True, keep_16bit_o
         "weights_bytes": size,
         "torch": torch.__version__,
     }
+    if adapter is not None and survival is not None:
+        manifest["lora"] = {**adapter.record(), "kept_through_int8": survival.figures()}
+        logger.info("%s", survival_line(survival.figures()))
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     if dst.exists():
         dst.rmdir()  # empty, checked above
     work.rename(dst)
     logger.info("quantized %s -> %s (%.2f GB of weights)", src, dst, size / 1e9)
+    return manifest
 
 
 def _weight_files(src: Path) -> list[Path]:

@@ -12,6 +12,10 @@ on the meta device (`engine/skeleton.py`). The context is `max_context` when giv
 model's own (`seq_length`, 32768 for ChatGLM3-6B-32K); a value above the model's own is
 lowered to it, since positions past its training length give nonsense.
 
+`lora` (`YANRAY_LORA`) merges a PEFT LoRA adapter into a 16-bit ChatGLM3 release folder as
+it loads (`engine/chatglm3/lora.py`); an INT8 folder cannot take one (its weights are already
+rounded: merge before quantizing, `yanray quantize --lora`), nor can another kind of model.
+
 ChatGLM3 and INT8 weights go straight onto the device, shard by shard. A generic
 transformers folder is read with `from_pretrained` on the CPU and then moved: a
 `device_map` would need `accelerate`, and its offloading is exactly what Yanray must not do.
@@ -28,6 +32,7 @@ import torch
 
 from yanray.engine.base import EngineUnavailable
 from yanray.engine.chat_format import ChatFormat, TemplateFormat
+from yanray.engine.chatglm3.lora import LoraAdapter, check_release, read_adapter
 from yanray.engine.chatglm3.prompt import ChatGLM3Format
 from yanray.engine.chatglm3.tokenizer import ChatGLM3Tokenizer
 from yanray.engine.chatglm3.weights import is_chatglm3_config, load_glm_model, read_config
@@ -97,6 +102,23 @@ def _template_format(folder: Path, model: Any) -> TemplateFormat:
     return TemplateFormat(tokenizer, frozenset(stops))
 
 
+def _adapter(lora: str | Path, folder: Path, cfg: dict[str, Any], *, int8: bool) -> LoraAdapter:
+    """The checked adapter for `YANRAY_LORA`, or `EngineUnavailable` saying why it cannot merge here."""
+    if int8:
+        raise EngineUnavailable(
+            f"YANRAY_LORA={lora}: {folder} is an INT8 model, whose weights are already rounded; merge the "
+            f"adapter while quantizing the 16-bit release instead: `yanray quantize SRC DST --lora {lora}`"
+        )
+    if not is_chatglm3_config(cfg):
+        raise EngineUnavailable(
+            f"YANRAY_LORA={lora}: {folder} is not a ChatGLM3 release folder; adapters merge only into ChatGLM3"
+        )
+    adapter = read_adapter(Path(lora), cfg)
+    check_release(adapter, [str(cfg.get("_name_or_path", "")), folder.name])
+    logger.info("merging %s", adapter.describe())
+    return adapter
+
+
 def load_parts(
     model: str | Path,
     *,
@@ -105,9 +127,16 @@ def load_parts(
     max_context: int = 0,
     data_dir: Path | None = None,
     kv_cache_gb: float | None = None,
+    lora: str | Path | None = None,
 ) -> LoadedParts:
     from yanray.engine.hub import resolve_model
 
+    if lora and not Path(model).expanduser().is_dir():  # before a hub id is downloaded and quantized
+        raise EngineUnavailable(
+            f"YANRAY_LORA={lora} merges into a 16-bit ChatGLM3 folder, and YANRAY_MODEL={model} is not a "
+            f"folder: download the release and set YANRAY_MODEL to it, or merge into an INT8 copy with "
+            f"`yanray quantize SRC DST --lora {lora}`"
+        )
     folder = resolve_model(str(model), data_dir=data_dir or Path("data"))
     if not (folder / "config.json").is_file():
         raise EngineUnavailable(
@@ -122,6 +151,7 @@ def load_parts(
         skeleton = meta_model(cfg, folder)
     except (OSError, ValueError, KeyError) as exc:
         raise EngineUnavailable(f"cannot read the model in {folder}: {exc}") from None
+    adapter = _adapter(lora, folder, cfg, int8=int8) if lora else None
     own = _model_context(skeleton.config)
     context = min(max_context, own) if max_context else own
     if max_context > own:
@@ -171,7 +201,7 @@ def load_parts(
 
             loaded: Any = load_int8_model(folder, device=target, dtype=compute)
         elif chatglm:
-            loaded = load_glm_model(folder, device=target, dtype=compute, cfg=cfg)
+            loaded = load_glm_model(folder, device=target, dtype=compute, cfg=cfg, lora=adapter)
         else:
             from transformers import AutoModelForCausalLM
 

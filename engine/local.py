@@ -172,13 +172,15 @@ class LocalEngine:
         kv_cache_gb: float | None = None,
         compile: str = "auto",
         max_batch: int | None = None,
+        lora: str | Path | None = None,
     ) -> LocalEngine:
         """Load `model` (blocking; call it in a thread). Raises `EngineUnavailable` with one line.
 
         `kv_cache_gb` bounds the kept conversations' caches (None: what the memory guard finds
         left over, `engine/device.py`, less one context-sized static cache when decoding is
         compiled; 0: none kept). `compile`: `YANRAY_COMPILE` (auto, on, off). `max_batch` bounds
-        the conversations generating together (None: 8 on a GPU, 4 on the CPU)."""
+        the conversations generating together (None: 8 on a GPU, 4 on the CPU). `lora`: a PEFT
+        LoRA adapter folder merged into a 16-bit ChatGLM3 model as it loads (`YANRAY_LORA`)."""
         from yanray.engine.loader import load_parts
 
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yanray-engine")
@@ -191,6 +193,7 @@ class LocalEngine:
                 max_context=max_context,
                 data_dir=data_dir,
                 kv_cache_gb=kv_cache_gb,
+                lora=lora,
             ).result()
         except BaseException:
             executor.shutdown(wait=False)

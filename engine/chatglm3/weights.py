@@ -29,13 +29,16 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from transformers import GlmConfig, GlmForCausalLM
 
 from yanray.engine.skeleton import meta_model, rebuild_meta_buffers
+
+if TYPE_CHECKING:
+    from yanray.engine.chatglm3.lora import LoraAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +217,12 @@ def load_glm_model(
     device: torch.device,
     dtype: torch.dtype,
     cfg: Mapping[str, Any] | None = None,
+    lora: LoraAdapter | None = None,
 ) -> GlmForCausalLM:
-    """A ChatGLM3 release folder as a `GlmForCausalLM` on `device` in `dtype`, in eval mode."""
+    """A ChatGLM3 release folder as a `GlmForCausalLM` on `device` in `dtype`, in eval mode.
+
+    `lora`: an adapter merged into each weight it changes, in fp32, before the cast to `dtype`
+    (`engine/chatglm3/lora.py`)."""
     cfg = read_config(folder) if cfg is None else cfg
     model = meta_model(cfg).model
     expected = set(model.state_dict())
@@ -228,12 +235,18 @@ def load_glm_model(
                 raise ValueError(f"{folder}: tensor {name} maps to {new_name}, which the model does not have")
             if new_name in state:
                 raise ValueError(f"{folder}: tensor {new_name} appears twice")
+            if lora is not None:
+                value = lora.merge(new_name, value)
             # copy=True: never keep a view into a memory-mapped shard or into the fused qkv tensor
             state[new_name] = value.to(device=device, dtype=dtype, copy=True)
     seen = set(state)
     missing = sorted(expected - seen)
     if missing:
         raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    if lora is not None and not set(lora.factors) <= seen:
+        raise ValueError(
+            f"{folder}: the adapter changes {sorted(set(lora.factors) - seen)[0]}, not in the model"
+        )
     model.load_state_dict(state, strict=True, assign=True)
     del state
     rebuild_meta_buffers(model, device)
