@@ -22,6 +22,8 @@ def env(tmp_path: Path, **extra: str) -> dict[str, str]:
     dropped = ("YANRAY_", "LANGUAGE", "LC_ALL", "LC_MESSAGES")
     base = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     base.update({"YANRAY_DATA_DIR": str(tmp_path / "data"), "YANRAY_TEMPERATURE": "0", "LANG": "C.UTF-8"})
+    # no /healthz listener unless a test asks: 8089 may be taken on a shared machine
+    base["YANRAY_HTTP_LISTEN"] = ""
     base.update(extra)
     return base
 
