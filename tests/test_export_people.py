@@ -54,8 +54,10 @@ async def test_good_in_the_terminal_is_what_rated_good_exports(
     make_settings: Callable[..., Settings], core_factory: Any, tmp_path: Path
 ) -> None:
     settings = make_settings(tools=[])
-    core = await core_factory(settings, ScriptedEngine(["Answer one.", "Answer two.", "Answer three."]))
-    lines = "Question one\nQuestion two\n/good\nQuestion three\n"
+    answers = ["Answer one.", "A draft of two.", "Answer two.", "Answer three."]
+    core = await core_factory(settings, ScriptedEngine(answers))
+    # /retry writes the second answer again: /good rates the new one, the draft is never exported
+    lines = "Question one\nQuestion two\n/retry\n/good\nQuestion three\n"
     await ConsoleAdapter(
         dispatcher=core.dispatcher, stdin=io.StringIO(lines), stdout=io.StringIO()
     ).converse()
