@@ -83,7 +83,14 @@ I remember our conversation and can use a calculator while answering.
 /retry - write the last answer again
 /history [n] - show the last n messages
 /system [text] - show or set my instructions for this conversation (/system default to undo)
-/lang [en|zh|auto] - show or choose my language (auto: your app's)""")
+/lang [en|zh|auto] - show or choose my language (auto: your app's)
+/good, /bad - rate my last answer (or react to it with 👍 or 👎)
+/share [on|off] - show or choose whether your chats may be exported to train my model""")
+#: what /help adds for YANRAY_ADMINS
+ADMIN_HELP = N_("""For my admins:
+/allow platform:id - let this person use me
+/deny platform:id - shut this person out
+/stats - queue, speed, memory and users""")
 
 
 def position_text(position: int, language: str = "en") -> str:
@@ -152,7 +159,9 @@ class Dispatcher:
         match = _COMMAND.match(text)
         command = match.group(1).lower() if match else ""
         if command in ("start", "help"):
-            await out.send(translator(await self.language(incoming)).gettext(HELP))
+            tr = translator(await self.language(incoming))
+            admin = f"\n\n{tr.gettext(ADMIN_HELP)}" if who in self.settings.admins else ""
+            await out.send(tr.gettext(HELP) + admin)
             return
         if command in COMMAND_WORDS:
             argument = (match.group(2) or "").strip() if match else ""

@@ -107,9 +107,8 @@ def model_info(settings: Settings, engine: Engine) -> dict[str, Any]:
         info.update(model=settings.openai_model, base_url=settings.openai_base_url)
     else:
         info.update(model=settings.model, device=settings.device, dtype=settings.dtype)
-        lora = getattr(settings, "lora", None)  # YANRAY_LORA, where this Yanray has it
-        if lora:
-            info["lora"] = str(lora)
+        if settings.lora:  # YANRAY_LORA: the adapter merged at load is part of the model
+            info["lora"] = settings.lora
     return info
 
 

@@ -27,3 +27,18 @@ def test_every_cli_command_is_documented() -> None:
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     for name in commands:
         assert f"`yanray {name}" in README
+
+
+def test_the_training_loop_names_only_real_options_and_commands() -> None:
+    """The training-loop walk-through names no option, command or setting the code lacks."""
+    section = README[README.index("## The training loop") :]
+    section = section[: section.index("\n## ")]
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    options = {o for parser in commands.values() for action in parser._actions for o in action.option_strings}
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", section))
+    assert named and named <= options, named - options
+    used = set(re.findall(r"(?<![\w/-])yanray ([a-z]+)\b", section))
+    assert used and used <= set(commands), used - set(commands)
+    settings = {f"YANRAY_{name.upper()}" for name in Settings.model_fields}
+    mentioned = set(re.findall(r"\b(YANRAY_[A-Z_]+)\b", section))
+    assert mentioned <= settings, mentioned - settings

@@ -152,7 +152,9 @@ async def test_a_set_with_known_outcomes_gives_the_expected_table(make_settings)
 async def test_compare_shows_the_change_per_kind_and_the_flips(make_settings, tmp_path) -> None:
     settings = make_settings(tools=["calculate"], max_new_tokens=256)
     before, _ = await run_scripted(BEFORE, settings)
-    after, _ = await run_scripted(AFTER, settings)
+    # the same model with YANRAY_LORA: the result records the adapter
+    after, _ = await run_scripted(AFTER, settings.model_copy(update={"lora": "saves/yanray-lora"}))
+    assert after["model"]["lora"] == "saves/yanray-lora" and "lora" not in before["model"]
     write_result(before, tmp_path / "before.json")
     write_result(after, tmp_path / "after.json")
 
@@ -168,6 +170,7 @@ async def test_compare_shows_the_change_per_kind_and_the_flips(make_settings, tm
         "all           6/13  46.2%    9/13  69.2%  +23.1 pts",
     ]
     assert lines[8].startswith("before: local THUDM/chatglm3-6b-32k (")
+    assert lines[9].startswith("after:  local THUDM/chatglm3-6b-32k + LoRA saves/yanray-lora (")
     assert lines[10:] == [
         "flips: 4 now pass, 1 now fail",
         "  + e2 (exact): exact answer",

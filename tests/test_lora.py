@@ -198,6 +198,23 @@ def test_quantize_with_lora_equals_quantizing_the_merged_folder(tmp_path: Path, 
     assert "lora" not in json.loads((tmp_path / "int8-merged" / MANIFEST).read_text())
 
 
+async def test_the_quantized_lora_folder_loads_and_replies_as_the_quantized_merged_one(
+    base, tmp_path: Path
+) -> None:
+    """What `yanray quantize --lora` writes is a model folder the engine runs (YANRAY_MODEL=DST)."""
+    folder, cfg, state = base
+    tensors = adapter_tensors(cfg, r=4, seed=5)
+    adapter = write_adapter(tmp_path / "adapter", cfg, tensors=tensors, r=4, lora_alpha=8)
+    merged = write_chatglm3_folder(tmp_path / "merged", merge_chatglm3_way(state, tensors, 8 / 4), cfg)
+    quantize_folder(folder, tmp_path / "int8-lora", progress=False, lora=adapter)
+    quantize_folder(merged, tmp_path / "int8-merged", progress=False)
+    quantize_folder(folder, tmp_path / "int8-base", progress=False)
+
+    with_lora = await _reply(tmp_path / "int8-lora")
+    assert with_lora == await _reply(tmp_path / "int8-merged") and len(with_lora) > 4
+    assert with_lora != await _reply(tmp_path / "int8-base")  # the merged change comes through INT8
+
+
 def test_the_figure_tells_noise_from_a_lost_change(tmp_path: Path) -> None:
     src = release_folder("tiny-6b", tmp_path / "src", shards=1)
     cfg = read_config(src)

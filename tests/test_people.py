@@ -13,6 +13,7 @@ from tests.recording import RecordingStream
 from tests.scripted_engine import ScriptedEngine
 from yanray.adapters.console import ConsoleAdapter
 from yanray.bot.app import Core
+from yanray.bot.dispatcher import ADMIN_HELP, HELP
 from yanray.bot.i18n import translator
 from yanray.bot.people import SHARE_MEANS, thumb
 from yanray.bot.types import Incoming
@@ -196,3 +197,20 @@ async def test_a_reaction_counts_only_on_an_answer_and_only_from_someone_allowed
     assert await ratings(core) == [(1, "test", "alice", 1), (1, "test", "bob", -1)]
     assert await react("bob", "78", None)
     assert await ratings(core) == [(1, "test", "alice", 1)]
+
+
+async def test_help_names_ratings_and_share_and_the_admin_commands_for_admins(
+    make_settings, core_factory
+) -> None:
+    core = await core_factory(make_settings(admins=["test:root"]), ScriptedEngine([]))
+    for language in ("en", "zh"):
+        hint = "zh-hans" if language == "zh" else None
+        tr = translator(language)
+        everyone = await say(core, "/help", user="alice", language=hint)
+        assert everyone == tr.gettext(HELP)
+        assert all(f"/{word}" in everyone for word in ("good", "bad", "share"))
+        assert "/allow" not in everyone and "/stats" not in everyone
+        admin = await say(core, "/help", user="root", language=hint)
+        assert admin == f"{tr.gettext(HELP)}\n\n{tr.gettext(ADMIN_HELP)}"
+        assert all(f"/{word}" in admin for word in ("allow", "deny", "stats"))
+    assert translator("zh").gettext(ADMIN_HELP) != ADMIN_HELP
