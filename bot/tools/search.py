@@ -147,7 +147,10 @@ def search_tool(base_url: str, *, results: int = RESULTS) -> Tool:
 
     spec = ToolSpec(
         name="search",
-        description=f"Web search: the top {results} results as title, URL and snippet, e.g. /search weather in Paris.",
+        description=(
+            f"Searches the web: the top {results} results as title, URL and snippet. "
+            "Example: /search weather in Paris"
+        ),
         parameters=one_string("query", "what to search for"),
         usage="/search <query>",
     )
