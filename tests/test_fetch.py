@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import logging
+import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,10 +23,10 @@ from tests.scripted_engine import ScriptedEngine
 from tests.test_toolloop import NativeSession
 from yanray.adapters.console import ConsoleAdapter
 from yanray.bot.errors import ConfigError, ToolError
-from yanray.bot.settings import load_settings
+from yanray.bot.settings import Settings, load_settings
 from yanray.bot.toolloop import ToolLoop
-from yanray.bot.tools.addresses import AddressRules
-from yanray.bot.tools.fetch import FetchConfig, _socket_guard, fetch_page, fetch_tool
+from yanray.bot.tools.addresses import AddressRefused, AddressRules, check_url
+from yanray.bot.tools.fetch import FetchConfig, _socket_guard, fetch_config, fetch_page, fetch_tool
 from yanray.engine.base import GenerateOptions, Generation, ToolCall
 
 PAGE = """<!DOCTYPE html>
@@ -303,3 +306,54 @@ async def test_a_native_chatglm3_fetch_call_gets_the_page(server: Server) -> Non
     assert observation.role == "observation" and observation.name == "fetch"
     assert observation.content.startswith("Title: The Moon\n") and "Theia" in observation.content
     assert result.visible == "It formed 4.5 billion years ago."
+
+
+class NamesResolver:
+    """Stands in for aiohttp's threaded resolver (the system's DNS): fixed names, fixed addresses."""
+
+    names: dict[str, list[str]] = {}
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        return [
+            {"hostname": host, "host": a, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}
+            for a in self.names[host]
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def names(monkeypatch) -> dict[str, list[str]]:
+    table: dict[str, list[str]] = {}
+    monkeypatch.setattr(NamesResolver, "names", table)
+    monkeypatch.setattr(aiohttp, "ThreadedResolver", NamesResolver)
+    return table
+
+
+async def test_a_name_that_resolves_to_a_private_address_is_refused(server: Server, names, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="yanray.bot.tools.fetch")
+    names["intranet.example"] = ["10.1.2.3"]
+    names["both.example"] = ["192.168.1.1", "127.0.0.1"]
+    config = allowed(server)
+    url = f"http://intranet.example:{server.port}/page"
+    assert (
+        await refused(url, config)
+        == "fetch refused: intranet.example resolves to 10.1.2.3, a private address"
+    )
+    # only the checked address is connected to: the private one never reaches a socket
+    text = await fetch_page(f"http://both.example:{server.port}/page", config)
+    assert text.startswith("Title: The Moon\n")
+    assert "both.example refused" not in caplog.text and "connection to" not in caplog.text
+    names["both.example"] = ["192.168.1.1", "10.0.0.1"]
+    message = await refused(f"http://both.example:{server.port}/page", config)
+    assert message == "fetch refused: both.example resolves to 192.168.1.1, a private address"
+
+
+def test_the_allowance_setting_defaults_to_nothing(server: Server, tmp_path) -> None:
+    settings = Settings(data_dir=tmp_path, fetch_ports=[server.port])
+    assert settings.fetch_allow == [] and fetch_config(settings).rules.allow == ()
+    with pytest.raises(AddressRefused, match="127.0.0.1 is a loopback address"):
+        check_url(server.url("/page"), fetch_config(settings).rules)
+    granted = Settings(data_dir=tmp_path, fetch_ports=[server.port], fetch_allow=["127.0.0.1"])
+    assert check_url(server.url("/page"), fetch_config(granted).rules).port == server.port
