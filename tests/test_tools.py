@@ -105,3 +105,39 @@ def test_every_example_is_a_call_the_tool_accepts(every_tool: dict[str, Tool]) -
 async def test_the_time_example_runs(every_tool: dict[str, Tool]) -> None:
     example = every_tool["time"].spec.description.rpartition(" ")[2]
     assert (await every_tool["time"].handler({"timezone": example})).endswith("in Asia/Tokyo, JST, UTC+09:00")
+
+
+@pytest.mark.parametrize(
+    ("name", "block", "arguments"),
+    [
+        ("calculate", 'tool_call(expression="6.5*7.5")', {"expression": "6.5*7.5"}),
+        (
+            "fetch",
+            'tool_call(url="https://en.wikipedia.org/wiki/Moon")',
+            {"url": "https://en.wikipedia.org/wiki/Moon"},
+        ),
+        ("search", 'tool_call(query="weather in Paris")', {"query": "weather in Paris"}),
+        ("time", "tool_call()", {}),
+        ("time", 'tool_call(timezone="Asia/Tokyo")', {"timezone": "Asia/Tokyo"}),
+        (
+            "plot",
+            'tool_call(expression="sin(x)", x_from=-5, x_to=5.5)',
+            {"expression": "sin(x)", "x_from": -5, "x_to": 5.5},
+        ),
+    ],
+)
+def test_chatglm3_native_blocks_give_the_arguments_each_tool_reads(
+    every_tool: dict[str, Tool], name: str, block: str, arguments: dict[str, object]
+) -> None:
+    """What ChatGLM3 writes in its own format parses to the arguments each tool's schema names."""
+    from yanray.engine.chatglm3.tools import parse_tool_call
+
+    call = parse_tool_call(name, f"```python\n{block}\n```")
+    assert (call.name, call.arguments) == (name, arguments)
+    schema = every_tool[name].spec.parameters
+    assert set(call.arguments) <= set(schema["properties"])
+    assert set(schema.get("required", [])) <= set(call.arguments)
+    if name == "plot":
+        from yanray.bot.tools.plot import plot_argument
+
+        assert split_argument(plot_argument(call.arguments)) == ("sin(x)", "-5", "5.5")
