@@ -8,6 +8,7 @@ working call (no stray "." or ")" after it; `/time Asia/Tokyo.` is not a zone).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,3 +142,41 @@ def test_chatglm3_native_blocks_give_the_arguments_each_tool_reads(
         from yanray.bot.tools.plot import plot_argument
 
         assert split_argument(plot_argument(call.arguments)) == ("sin(x)", "-5", "5.5")
+
+
+def test_every_tool_has_a_time_limit(every_tool: dict[str, Tool]) -> None:
+    for name, tool in every_tool.items():
+        assert 0 < tool.timeout <= 60, name
+
+
+async def test_a_tool_past_its_time_limit_is_a_one_line_observation() -> None:
+    """The tool loop's own limit, for a tool whose inner limits did not stop it."""
+    from dataclasses import replace
+
+    from tests.test_toolloop import NativeSession
+    from yanray.bot.toolloop import ToolLoop
+    from yanray.bot.tools.clock import time_tool
+    from yanray.engine.base import ChatMessage, GenerateOptions, Generation, ToolCall
+
+    started = asyncio.Event()
+
+    async def never(args: object) -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    tool = replace(time_tool(), handler=never, timeout=0.2)
+    outcomes: list[tuple[str, str]] = []
+    session = NativeSession(
+        [
+            Generation("", "tool_call", ToolCall("time", {}, stored="tool_call()")),
+            Generation("Sorry.", "stop"),
+        ]
+    )
+    loop = ToolLoop(tools={"time": tool}, max_rounds=2, on_tool=lambda *o: outcomes.append(o))
+    result = await loop.run(session, options=GenerateOptions)  # type: ignore[arg-type]
+    assert started.is_set()
+    assert session.appended == [
+        ChatMessage("observation", "Error: the time tool took longer than 0.2 s.", "time")
+    ]
+    assert outcomes == [("time", "timeout")] and result.visible == "Sorry."
