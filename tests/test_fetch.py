@@ -78,6 +78,8 @@ class Server:
             web.get("/hop/{n}", self.hop),
             web.get("/to", self.to),
             web.get("/gbk", self.gbk),
+            web.get("/cookie", self.cookie),
+            web.get("/echo", self.echo),
         ]
         self.app.add_routes(routes)
 
@@ -117,6 +119,14 @@ class Server:
         n = int(request.match_info["n"])
         target = "/page" if n == 0 else f"/hop/{n - 1}"
         raise web.HTTPFound(target)
+
+    async def cookie(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/echo", headers={"Set-Cookie": "session=SECRETCOOKIE; Path=/"})
+
+    async def echo(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=f"cookie: {request.headers.get('Cookie', 'none')}", content_type="text/plain"
+        )
 
     async def to(self, request: web.Request) -> web.Response:
         raise web.HTTPFound(request.query["url"])
@@ -372,3 +382,15 @@ def test_the_allowance_setting_defaults_to_nothing(server: Server, tmp_path) -> 
         check_url(server.url("/page"), fetch_config(settings).rules)
     granted = Settings(data_dir=tmp_path, fetch_ports=[server.port], fetch_allow=["127.0.0.1"])
     assert check_url(server.url("/page"), fetch_config(granted).rules).port == server.port
+
+
+async def test_no_cookies_and_no_proxy_from_the_environment(server: Server, names, monkeypatch) -> None:
+    # a proxy that does not exist: a client that took it from the environment would fail
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    names["pages.example"] = ["127.0.0.1"]  # a name: a cookie jar keeps no cookies for an IP
+    url = f"http://pages.example:{server.port}"
+    text = await fetch_page(f"{url}/cookie", allowed(server))
+    assert text == f"URL: {url}/echo\n\ncookie: none"  # the redirect's cookie is not sent back
