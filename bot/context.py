@@ -33,7 +33,9 @@ def system_prompt(base: str, tools: Sequence[Tool], *, native: bool) -> str:
     in its own format, and then the content is exactly `base`."""
     if not tools or native:
         return base
-    examples = "\n".join(f"{t.spec.usage}  ({t.spec.description})" for t in tools)
+    # each description ends with its example call ("Example: /time Asia/Tokyo"), with nothing
+    # after it on the line, so that a model copying the example copies no stray ")" or "."
+    examples = "\n".join(f"{t.spec.usage} - {t.spec.description}" for t in tools)
     return f"{base}\n\n{SLASH_HELP.format(examples=examples)}"
 
 

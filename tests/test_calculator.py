@@ -8,6 +8,7 @@ and check that the next call gets a fresh one.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import threading
 import time
@@ -16,11 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripted_engine import ScriptedEngine
 from tests.waiting import until
+from yanray.adapters.console import ConsoleAdapter
 from yanray.bot.errors import ToolError
+from yanray.bot.toolloop import ToolLoop
 from yanray.bot.tools import build_tools
 from yanray.bot.tools.calc_rules import CalcError
 from yanray.bot.tools.calculator import Calculator, calculate, calculator_tool
+from yanray.engine.base import ChatMessage, GenerateOptions, Generation, ToolCall
 
 #: slow enough to pass any limit used here: about 10^8 terms
 SLOW = "expand((x+y+z+1)**1000)"
@@ -273,3 +278,26 @@ async def test_one_shot_calculate_without_a_shared_worker() -> None:
     assert await calculate("sqrt(8)") == "2*sqrt(2) ≈ 2.82842712474619"
     with pytest.raises(ToolError, match="division by zero"):
         await calculate("1/0")
+
+
+async def test_a_native_chatglm3_calculate_call_gets_the_result(calc: Calculator) -> None:
+    from tests.test_toolloop import NativeSession
+
+    call = ToolCall("calculate", {"expression": "6.5*7.5"}, stored='tool_call(expression="6.5*7.5")')
+    session = NativeSession([Generation("", "tool_call", call), Generation("It is 48.75.", "stop")])
+    loop = ToolLoop(tools={"calculate": calculator_tool(calc)}, max_rounds=2)
+    result = await loop.run(session, options=GenerateOptions)  # type: ignore[arg-type]
+    assert session.appended == [ChatMessage("observation", "48.75", "calculate")]
+    assert result.visible == "It is 48.75."
+
+
+async def test_calculate_through_the_tool_loop_and_the_console(make_settings, core_factory) -> None:
+    engine = ScriptedEngine(["Let me compute.\n/calculate 6.5*7.5\n", "6.5 × 7.5 = 48.75."])
+    core = await core_factory(make_settings(tools=["calculate"]), engine)
+    out = io.StringIO()
+    await ConsoleAdapter(
+        dispatcher=core.dispatcher, stdin=io.StringIO("What is 6.5 times 7.5?\n"), stdout=out
+    ).converse()
+    assert out.getvalue() == "Let me compute.\n6.5 × 7.5 = 48.75.\n\n"
+    assert "/calculate <expression> - " in engine.prompts[0][0].content
+    assert engine.prompts[-1][-1] == ChatMessage("observation", "48.75", "calculate")

@@ -117,7 +117,7 @@ async def test_time_through_the_tool_loop_and_the_console(make_settings, core_fa
     after = datetime.now(UTC)
     assert out.getvalue() == "Here is the time.\n\n"
     system = engine.prompts[0][0].content
-    assert "/time [timezone]" in system and "in Europe/Berlin or the IANA time zone given" in system
+    assert "/time [timezone]" in system and "in Europe/Berlin, or in the IANA time zone given" in system
     observation = engine.prompts[-1][-1]
     assert observation.role == "observation" and observation.name == "time"
     # the real clock: the observation is a moment between before and after, in Kathmandu

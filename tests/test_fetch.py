@@ -8,9 +8,14 @@ same URL is refused without them. No test reaches the internet.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import io
+import logging
+import socket
+import tracemalloc
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,10 +25,10 @@ from tests.scripted_engine import ScriptedEngine
 from tests.test_toolloop import NativeSession
 from yanray.adapters.console import ConsoleAdapter
 from yanray.bot.errors import ConfigError, ToolError
-from yanray.bot.settings import load_settings
+from yanray.bot.settings import Settings, load_settings
 from yanray.bot.toolloop import ToolLoop
-from yanray.bot.tools.addresses import AddressRules
-from yanray.bot.tools.fetch import FetchConfig, _socket_guard, fetch_page, fetch_tool
+from yanray.bot.tools.addresses import AddressRefused, AddressRules, check_url
+from yanray.bot.tools.fetch import FetchConfig, _socket_guard, fetch_config, fetch_page, fetch_tool
 from yanray.engine.base import GenerateOptions, Generation, ToolCall
 
 PAGE = """<!DOCTYPE html>
@@ -50,6 +55,13 @@ lengthen the day and push the Moon further away, by about 3.8 cm each year.</p>
 """
 
 
+@functools.cache
+def bomb() -> bytes:
+    body = gzip.compress(b"A" * (64 * 2**20), compresslevel=9)
+    assert len(body) < 100_000  # small on the wire, 64 MB inflated
+    return body
+
+
 class Server:
     def __init__(self) -> None:
         self.app = web.Application()
@@ -66,6 +78,8 @@ class Server:
             web.get("/hop/{n}", self.hop),
             web.get("/to", self.to),
             web.get("/gbk", self.gbk),
+            web.get("/cookie", self.cookie),
+            web.get("/echo", self.echo),
         ]
         self.app.add_routes(routes)
 
@@ -97,16 +111,22 @@ class Server:
         return web.Response(body=b"\x7fELF" + bytes(100), content_type="application/octet-stream")
 
     async def bomb(self, request: web.Request) -> web.Response:
-        body = gzip.compress(b"A" * (64 * 2**20), compresslevel=9)
-        assert len(body) < 100_000  # small on the wire, 64 MB inflated
         return web.Response(
-            body=body, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"}
+            body=bomb(), headers={"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"}
         )
 
     async def hop(self, request: web.Request) -> web.Response:
         n = int(request.match_info["n"])
         target = "/page" if n == 0 else f"/hop/{n - 1}"
         raise web.HTTPFound(target)
+
+    async def cookie(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/echo", headers={"Set-Cookie": "session=SECRETCOOKIE; Path=/"})
+
+    async def echo(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=f"cookie: {request.headers.get('Cookie', 'none')}", content_type="text/plain"
+        )
 
     async def to(self, request: web.Request) -> web.Response:
         raise web.HTTPFound(request.query["url"])
@@ -182,7 +202,15 @@ async def test_a_long_body_is_cut_at_the_size_cap_and_the_observation_at_its_bud
 
 async def test_a_gzip_bomb_is_cut_at_the_decompressed_cap(server: Server) -> None:
     config = allowed(server, max_bytes=1_000_000, max_chars=10**7)
-    text = await fetch_page(server.url("/bomb"), config)
+    bomb()  # made before measuring
+    tracemalloc.start()
+    try:
+        text = await fetch_page(server.url("/bomb"), config)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # inflated in bounded steps: a few copies of the 1 MB read, never the 64 MB body
+    assert peak < 16 * 2**20, f"{peak:,} bytes"
     body = text.split("\n\n", 1)[1]
     assert body.startswith("A" * 1000)
     assert body.count("A") == 1_000_000
@@ -303,3 +331,66 @@ async def test_a_native_chatglm3_fetch_call_gets_the_page(server: Server) -> Non
     assert observation.role == "observation" and observation.name == "fetch"
     assert observation.content.startswith("Title: The Moon\n") and "Theia" in observation.content
     assert result.visible == "It formed 4.5 billion years ago."
+
+
+class NamesResolver:
+    """Stands in for aiohttp's threaded resolver (the system's DNS): fixed names, fixed addresses."""
+
+    names: dict[str, list[str]] = {}
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        return [
+            {"hostname": host, "host": a, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}
+            for a in self.names[host]
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def names(monkeypatch) -> dict[str, list[str]]:
+    table: dict[str, list[str]] = {}
+    monkeypatch.setattr(NamesResolver, "names", table)
+    monkeypatch.setattr(aiohttp, "ThreadedResolver", NamesResolver)
+    return table
+
+
+async def test_a_name_that_resolves_to_a_private_address_is_refused(server: Server, names, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="yanray.bot.tools.fetch")
+    names["intranet.example"] = ["10.1.2.3"]
+    names["both.example"] = ["192.168.1.1", "127.0.0.1"]
+    config = allowed(server)
+    url = f"http://intranet.example:{server.port}/page"
+    assert (
+        await refused(url, config)
+        == "fetch refused: intranet.example resolves to 10.1.2.3, a private address"
+    )
+    # only the checked address is connected to: the private one never reaches a socket
+    text = await fetch_page(f"http://both.example:{server.port}/page", config)
+    assert text.startswith("Title: The Moon\n")
+    assert "both.example refused" not in caplog.text and "connection to" not in caplog.text
+    names["both.example"] = ["192.168.1.1", "10.0.0.1"]
+    message = await refused(f"http://both.example:{server.port}/page", config)
+    assert message == "fetch refused: both.example resolves to 192.168.1.1, a private address"
+
+
+def test_the_allowance_setting_defaults_to_nothing(server: Server, tmp_path) -> None:
+    settings = Settings(data_dir=tmp_path, fetch_ports=[server.port])
+    assert settings.fetch_allow == [] and fetch_config(settings).rules.allow == ()
+    with pytest.raises(AddressRefused, match="127.0.0.1 is a loopback address"):
+        check_url(server.url("/page"), fetch_config(settings).rules)
+    granted = Settings(data_dir=tmp_path, fetch_ports=[server.port], fetch_allow=["127.0.0.1"])
+    assert check_url(server.url("/page"), fetch_config(granted).rules).port == server.port
+
+
+async def test_no_cookies_and_no_proxy_from_the_environment(server: Server, names, monkeypatch) -> None:
+    # a proxy that does not exist: a client that took it from the environment would fail
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    names["pages.example"] = ["127.0.0.1"]  # a name: a cookie jar keeps no cookies for an IP
+    url = f"http://pages.example:{server.port}"
+    text = await fetch_page(f"{url}/cookie", allowed(server))
+    assert text == f"URL: {url}/echo\n\ncookie: none"  # the redirect's cookie is not sent back

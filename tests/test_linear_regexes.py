@@ -47,20 +47,23 @@ CATEGORIES = {
 }
 
 
-def compiled_patterns() -> Iterator[tuple[str, str, re.Pattern[str]]]:
-    """(module, name, pattern) for every compiled pattern the yanray packages hold."""
+def scanned_modules() -> Iterator[str]:
+    """Every module of the yanray packages the scan imports."""
     for package in PACKAGES:
         root = importlib.import_module(package)
         names = [package] + [m.name for m in pkgutil.walk_packages(root.__path__, package + ".")]
-        for name in names:
-            if name.startswith(SKIPPED):
-                continue
-            module = importlib.import_module(name)
-            for attribute, value in vars(module).items():
-                if isinstance(value, type) and value.__module__ != name:
-                    continue  # a class imported from elsewhere: checked where it is defined
-                for found in _patterns_in(value):
-                    yield name, attribute, found
+        yield from (name for name in names if not name.startswith(SKIPPED))
+
+
+def compiled_patterns() -> Iterator[tuple[str, str, re.Pattern[str]]]:
+    """(module, name, pattern) for every compiled pattern the yanray packages hold."""
+    for name in scanned_modules():
+        module = importlib.import_module(name)
+        for attribute, value in vars(module).items():
+            if isinstance(value, type) and value.__module__ != name:
+                continue  # a class imported from elsewhere: checked where it is defined
+            for found in _patterns_in(value):
+                yield name, attribute, found
     yield "yanray.bot.toolloop", "SlashCalls._line", SlashCalls(["calculate", "c"])._line
 
 
@@ -168,6 +171,27 @@ def test_the_check_catches_the_patterns_that_froze_yanray() -> None:
         r"\*\*(?=\S)((?:[^*]++|\*(?!\*))++)(?<=\S)\*\*",  # telegram bold now
     ):
         assert not list(problems(sre_parse.parse(source), 0)), source
+
+
+def test_the_scan_covers_the_tools_and_the_reply_streamer() -> None:
+    """The modules that read what the model writes or a web server sends are scanned too."""
+    scanned = set(scanned_modules())
+    for module in (
+        "yanray.bot.toolloop",
+        "yanray.bot.tools.addresses",
+        "yanray.bot.tools.fetch",
+        "yanray.bot.tools.search",
+        "yanray.bot.tools.clock",
+        "yanray.bot.tools.plot",
+        "yanray.bot.tools.plot_rules",
+        "yanray.bot.tools.plot_draw",
+        "yanray.bot.tools.calc_rules",
+        "yanray.adapters.streamer",
+        "yanray.adapters.console",
+        "yanray.adapters.telegram_sink",
+        "yanray.adapters.discord_sinks",
+    ):
+        assert module in scanned, module
 
 
 def test_no_pattern_in_yanray_can_backtrack_catastrophically() -> None:

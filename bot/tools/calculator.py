@@ -285,10 +285,10 @@ def calculator_tool(calculator: Calculator | None = None) -> Tool:
     spec = ToolSpec(
         name="calculate",
         description=(
-            "Exact and decimal maths with sympy: arithmetic (+ - * / ** % //, ^ also means power), "
-            "sqrt, exp, log, trig, factorial, binomial, gcd, lcm, diff, integrate, solve, limit, Sum, "
-            "simplify, expand, factor, N. Symbols x y z t n k a b c m; constants pi, E, I, oo. "
-            "Equations as Eq(a, b), e.g. solve(Eq(x**2, 4), x)."
+            "Calculates exactly and in decimals with sympy: + - * / ** % // (^ is power too), sqrt, exp, "
+            "log, trig, factorial, binomial, gcd, lcm, diff, integrate, solve, limit, Sum, simplify, "
+            "expand, factor, N; symbols x y z t n k a b c m; pi, E, I, oo; equations as Eq(a, b). "
+            "Example: /calculate solve(Eq(x**2, 4), x)"
         ),
         parameters=one_string("expression", "e.g. integrate(x**2, (x, 0, 1))"),
         usage="/calculate <expression>",

@@ -71,8 +71,8 @@ def time_tool(default_zone: str = "UTC", *, now: Callable[[], datetime] | None =
     spec = ToolSpec(
         name="time",
         description=(
-            f"The current date and time, in {default_zone} or the IANA time zone given, "
-            "e.g. /time Asia/Tokyo."
+            f"Tells the current date and time in {default_zone}, or in the IANA time zone given. "
+            "Example: /time Asia/Tokyo"
         ),
         parameters=one_string("timezone", "IANA zone, e.g. Europe/Berlin", required=False),
         usage="/time [timezone]",

@@ -255,8 +255,8 @@ def fetch_tool(config: FetchConfig | None = None) -> Tool:
     spec = ToolSpec(
         name="fetch",
         description=(
-            "Reads a public web page and gives its title and main text. "
-            "e.g. /fetch https://en.wikipedia.org/wiki/Moon"
+            "Reads a public web page: its title and main text. "
+            "Example: /fetch https://en.wikipedia.org/wiki/Moon"
         ),
         parameters=one_string("url", "e.g. https://en.wikipedia.org/wiki/Moon"),
         usage="/fetch <url>",

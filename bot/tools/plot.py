@@ -87,8 +87,8 @@ def plot_tool(calculator: Calculator | None = None) -> Tool:
     spec = ToolSpec(
         name="plot",
         description=(
-            "Draws y = f(x) as a picture that is sent to the user; f is written as for calculate. "
-            "x from -10 to 10 unless given, e.g. /plot sin(x)/x x from -20 to 20."
+            "Draws y = f(x) as a picture sent to the user; f is written as for calculate, "
+            "x runs from -10 to 10 unless given. Example: /plot sin(x)/x x from -20 to 20"
         ),
         parameters={
             "type": "object",

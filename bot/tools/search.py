@@ -100,6 +100,9 @@ class Searcher:
         except ValueError:  # UnicodeDecodeError included
             logger.warning("SearxNG at %s answered with something that is not JSON", self.endpoint)
             raise ToolError("the search service gave an answer that is not JSON") from None
+        except RecursionError:  # json's decoder refuses arrays or objects nested thousands deep
+            logger.warning("SearxNG at %s answered with JSON nested too deeply", self.endpoint)
+            raise ToolError("the search service's answer is nested too deeply to read") from None
         return format_results(query, payload, results=self.results)
 
     async def _get(self, url: URL) -> bytes:
@@ -144,7 +147,10 @@ def search_tool(base_url: str, *, results: int = RESULTS) -> Tool:
 
     spec = ToolSpec(
         name="search",
-        description=f"Web search: the top {results} results as title, URL and snippet, e.g. /search weather in Paris.",
+        description=(
+            f"Searches the web: the top {results} results as title, URL and snippet. "
+            "Example: /search weather in Paris"
+        ),
         parameters=one_string("query", "what to search for"),
         usage="/search <query>",
     )
