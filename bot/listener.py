@@ -9,7 +9,9 @@ meanwhile; the entry point hands it the core and the adapters once they are up (
 part that is not, one short reason each:
 - engine: loaded (a local model not shut down; an engine that does not say is taken as
   loaded);
-- database: answers `SELECT 1` within HEALTH_TIMEOUT_S (a real query on a pooled connection);
+- database: answers `SELECT 1` within HEALTH_TIMEOUT_S (a real query on a pooled connection).
+  One check runs at a time: requests that arrive while it runs share its answer, so a flood
+  of `/healthz` costs one connection of the pool, not all of them (the bot needs them);
 - adapters: each started and connected to its platform (`online`; the terminal always is).
 
 It listens on loopback by default: the metrics name no user, but the port is for the
@@ -48,6 +50,7 @@ class StatusListener:
         self.db: Database | None = None
         self.adapters: Sequence[Any] = ()
         self._runner: web.AppRunner | None = None
+        self._checking: asyncio.Future[str] | None = None
 
     def attach(self, *, engine: Any, db: Database, adapters: Sequence[Any]) -> None:
         """The parts `/healthz` looks at, once they exist."""
@@ -121,6 +124,13 @@ class StatusListener:
         return {"healthy": healthy, "status": "ok" if healthy else "unhealthy", **parts}
 
     async def _database(self) -> str:
+        if self._checking is None:
+            checking = self._checking = asyncio.ensure_future(self._ping())
+            checking.add_done_callback(lambda _done: setattr(self, "_checking", None))
+        # shielded: a request that goes away does not cancel the check the others wait for
+        return await asyncio.shield(self._checking)
+
+    async def _ping(self) -> str:
         assert self.db is not None
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT_S):

@@ -180,6 +180,44 @@ async def test_healthz_gives_a_database_that_does_not_answer_a_time_limit(
     assert json.loads(body)["database"] == "no answer within 0.5 s"
 
 
+async def test_a_flood_of_healthz_takes_one_connection_not_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anyone who reaches the listener may ask /healthz many times at once: the requests share
+    one database check, so the pool keeps its connections for the bot (the silent server
+    counts the connections the checks open)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from yanray.bot import listener as listener_module
+    from yanray.storage import Database
+
+    monkeypatch.setattr(listener_module, "HEALTH_TIMEOUT_S", 1.0)
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    db = Database(create_async_engine(f"postgresql+asyncpg://yanray@127.0.0.1:{port}/yanray"))
+    try:
+        async with StatusListener("127.0.0.1", 0, metrics=Metrics()) as listener:
+            listener.attach(engine=ScriptedEngine(), db=db, adapters=[])
+            answers = await asyncio.gather(*(get(listener, "/healthz") for _ in range(20)))
+            opened_by_flood = len(held)
+            again = await get(listener, "/healthz")  # a later request checks anew
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await db.close()
+    assert [(status, json.loads(body)["database"]) for status, _type, body in answers] == [
+        (503, "no answer within 1 s")
+    ] * 20
+    assert opened_by_flood == 1
+    assert again[0] == 503 and len(held) == 2
+
+
 async def test_healthz_names_an_adapter_that_is_not_connected(
     fake: FakeTelegram, make_settings: Callable[..., Settings]
 ) -> None:
