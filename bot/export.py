@@ -12,7 +12,9 @@ Privacy comes first, because weights cannot forget:
   not just that person's messages: the answers around them were written having read
   them, and may quote them. A writer Yanray cannot name (no stored user) counts as one who
   did not agree. `--users` narrows this further to conversations written only by the
-  people it names; it never widens it.
+  people it names; it never widens it. A group conversation with `/system` instructions
+  is left out too: a moderator wrote them, Yanray does not store who, so their consent
+  cannot be known (a private conversation's instructions are its one writer's).
 - Platform ids never reach the dataset or the manifest: people are named by a pseudonym,
   `u-` and the first 16 hex digits of HMAC-SHA256 over `platform:id`, keyed with 32
   random bytes kept in `$YANRAY_DATA_DIR/export.key` (made on first use, mode 0600), so
@@ -196,6 +198,8 @@ class _Exporter:
             writers = await stored.writers(session=session)
         for conversation in conversations:
             reason = self.allowed(writers.get(conversation.id, set()), consents)
+            if reason is None and conversation.user_key == "" and conversation.system_prompt:
+                reason = "group instructions by someone who may not have agreed"
             if reason is not None:
                 self.out.left_out[reason] += 1
                 continue

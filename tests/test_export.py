@@ -473,6 +473,34 @@ async def test_long_chats_are_cut_into_windows_that_end_on_an_answer(
     ]
 
 
+async def test_group_instructions_of_unknown_authorship_keep_the_group_out(
+    make_settings, database_url, tmp_path
+) -> None:
+    """A moderator's /system text in a group is someone's words, and Yanray does not store
+    whose: the group is left out; a private chat's own instructions are exported."""
+    built = await build_database(database_url)
+    db = await Database.open(database_url)
+    try:
+        async with db.transaction() as session:
+            for key, text in (
+                ("telegram:-1001:", "Moderator Erin's house rules"),
+                (f"telegram:{ALICE}:{ALICE}", "Be brief, Alice said"),
+            ):
+                await crud.set_system_prompt(
+                    session=session, conversation_id=built.conversations[key], text=text
+                )
+    finally:
+        await db.close()
+    result, files = await run(settings_for(make_settings), tmp_path / "out")
+    records = files["yanray"]
+    assert turns(*GROUP) not in [r["conversations"] for r in records]
+    assert records[0]["conversations"] == turns(*HELLO, *SLASH)
+    assert records[0]["system"].startswith("Be brief, Alice said\n")
+    assert "house rules" not in "".join(p.read_text() for p in (tmp_path / "out").iterdir())
+    left_out = result.manifest["counts"]["left_out_conversations"]
+    assert left_out["group instructions by someone who may not have agreed"] == 1
+
+
 async def test_files_are_created_private(make_settings, database_url, tmp_path) -> None:
     await build_database(database_url)
     out = tmp_path / "out"
