@@ -501,6 +501,23 @@ async def test_group_instructions_of_unknown_authorship_keep_the_group_out(
     assert left_out["group instructions by someone who may not have agreed"] == 1
 
 
+async def test_a_key_readable_by_others_is_made_private_and_kept(
+    make_settings, database_url, tmp_path, caplog
+) -> None:
+    await build_database(database_url)
+    settings = settings_for(make_settings)
+    key_file = settings.data_dir / "export.key"
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key = os.urandom(32)
+    key_file.write_text(key.hex() + "\n")
+    os.chmod(key_file, 0o644)  # copied with a careless umask: anyone could undo the pseudonyms
+    result, _ = await run(settings, tmp_path / "out")
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert "export.key was readable by others (mode 644); it is 0600 now" in caplog.text
+    alice = "u-" + hmac.new(key, f"telegram:{ALICE}".encode(), hashlib.sha256).hexdigest()[:16]
+    assert alice in {user for c in result.manifest["conversations"] for user in c["users"]}
+
+
 async def test_files_are_created_private(make_settings, database_url, tmp_path) -> None:
     await build_database(database_url)
     out = tmp_path / "out"
