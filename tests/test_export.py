@@ -565,3 +565,20 @@ def test_the_command_exports_and_its_options_are_in_the_readme(tmp_path, monkeyp
     section = section[: section.index("\n## ")]
     documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", section))
     assert documented == options
+
+
+def test_users_has_size_limits_checked_before_it_is_split(capsys) -> None:
+    parser = build_parser()
+    for users, said in (
+        ("telegram:1," * 20_000, "220,000 characters, more than --users may have (100,000)"),
+        ("telegram:" + "7" * 5_000, "'telegram:" + "7" * 88 + "...' is not platform:id"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["export", "--out", "x", "--users", users])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err) < 1_000
+    assert parser.parse_args(["export", "--out", "x", "--users", "telegram:1,discord:2"]).users == (
+        "telegram:1",
+        "discord:2",
+    )
