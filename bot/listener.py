@@ -14,6 +14,10 @@ part that is not, one short reason each:
   of `/healthz` costs one connection of the pool, not all of them (the bot needs them);
 - adapters: each started and connected to its platform (`online`; the terminal always is).
 
+A request the HTTP parser refuses (a header line over 8 KB, too many headers, a bad request
+line) gets aiohttp's 400 and one debug line here, not aiohttp's logged traceback: anyone who
+reaches the port could otherwise fill the log with them.
+
 It listens on loopback by default: the metrics name no user, but the port is for the
 operator's own tools. To scrape from another host or container, set 0.0.0.0:8089 behind a
 firewall.
@@ -28,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from yanray.bot.errors import ConfigError
@@ -38,6 +43,16 @@ logger = logging.getLogger(__name__)
 
 #: seconds the database has to answer the health check's query
 HEALTH_TIMEOUT_S = 2.0
+
+
+class _MalformedInOneLine(logging.LoggerAdapter):
+    """aiohttp's server logger, with a request it could not parse as one debug line."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            logger.debug("refused a malformed request (%s)", type(exc_info).__name__)
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
 
 
 class StatusListener:
@@ -61,7 +76,12 @@ class StatusListener:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            logger=_MalformedInOneLine(logging.getLogger("aiohttp.server"), {}),
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         try:

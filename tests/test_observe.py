@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import socket
@@ -216,6 +217,39 @@ async def test_a_flood_of_healthz_takes_one_connection_not_the_pool(
     ] * 20
     assert opened_by_flood == 1
     assert again[0] == 503 and len(held) == 2
+
+
+async def raw_status(port: int, request: bytes) -> bytes:
+    """The status line the listener answers a raw request with."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 10)).strip()
+    finally:
+        writer.close()
+
+
+async def test_the_listener_serves_two_paths_and_refuses_oversized_requests_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only GET on /healthz and /metrics; an overlong request line, header or too many headers
+    is a 400 from the parser, and none of it puts a traceback in the log."""
+    async with StatusListener("127.0.0.1", 0, metrics=Metrics()) as listener:
+        port = listener.port
+        host = b"Host: x\r\n"
+        answers = [
+            await raw_status(port, b"GET /metrics HTTP/1.1\r\n" + host + b"\r\n"),
+            await raw_status(port, b"POST /metrics HTTP/1.1\r\n" + host + b"Content-Length: 2\r\n\r\n{}"),
+            await raw_status(port, b"GET /admin HTTP/1.1\r\n" + host + b"\r\n"),
+            await raw_status(port, b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n" + host + b"\r\n"),
+            await raw_status(
+                port, b"GET /healthz HTTP/1.1\r\n" + host + b"X: " + b"a" * 100_000 + b"\r\n\r\n"
+            ),
+            await raw_status(port, b"GET /healthz HTTP/1.1\r\n" + b"X: a\r\n" * 50_000 + b"\r\n"),
+        ]
+    assert [answer.split(b" ")[1] for answer in answers] == [b"200", b"405", b"404", b"400", b"400", b"400"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []
 
 
 async def test_healthz_names_an_adapter_that_is_not_connected(
