@@ -403,3 +403,36 @@ async def test_engine_metrics_show_warm_hits_and_batch_occupancy(
     assert found[("yanray_out_of_memory_total", ())] == 0
     assert found[("yanray_prefilled_tokens_total", ())] > 0
     assert ("yanray_gpu_memory_used_bytes", ()) not in found  # the CPU keeps no such account
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+async def test_the_log_masks_every_secret_in_either_form(form: str) -> None:
+    """A library may name a secret in an error (PTB's InvalidToken names the token); the log line
+    has `***` there instead, in the message and in the traceback."""
+    from telegram.error import InvalidToken
+
+    from yanray.bot.logs import formatter
+
+    token, password = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw", 'pa"ss\\w0rd'
+    settings = Settings(
+        telegram_token=token,
+        discord_token="MTA5.discord-token-value",
+        database_url="postgresql+asyncpg://yanray:pa%22ss%5Cw0rd@db/yanray",
+    )
+    secrets = settings.secret_values()
+    assert {token, "MTA5.discord-token-value", password} <= set(secrets)
+    try:
+        raise InvalidToken(f"The token `{token}` was rejected by the server.")
+    except InvalidToken:
+        record = logging.LogRecord(
+            "telegram.ext", logging.ERROR, __file__, 1, "start failed: %s", (password,), sys.exc_info()
+        )
+    line = formatter(form, secrets).format(record)
+    for secret in (token, password, json.dumps(password)[1:-1], "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"):
+        assert secret not in line
+    assert line.count("***") == 2
+    if form == "json":
+        entry = json.loads(line)
+        assert (
+            entry["message"] == "start failed: ***" and "The token `***` was rejected" in entry["exception"]
+        )
