@@ -100,6 +100,8 @@ class StatusListener:
         logger.info("health and metrics on http://%s:%d/healthz and /metrics", self.host, self.port)
 
     async def stop(self) -> None:
+        if self._checking is not None:  # a check no request waits for any more
+            self._checking.cancel()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
