@@ -135,7 +135,10 @@ def pseudonym_key(data_dir: Path) -> bytes:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            mode = stat.S_IMODE(path.stat().st_mode)
+            found = path.stat()
+            if not stat.S_ISREG(found.st_mode):
+                raise ConfigError(f"{path}: the export's pseudonym key is not a file") from None
+            mode = stat.S_IMODE(found.st_mode)
             if mode & 0o077:  # whoever can read the key can turn pseudonyms back into ids
                 os.chmod(path, 0o600)
                 logger.warning("%s was readable by others (mode %03o); it is 0600 now", path, mode)

@@ -516,6 +516,11 @@ async def test_a_key_readable_by_others_is_made_private_and_kept(
     assert "export.key was readable by others (mode 644); it is 0600 now" in caplog.text
     alice = "u-" + hmac.new(key, f"telegram:{ALICE}".encode(), hashlib.sha256).hexdigest()[:16]
     assert alice in {user for c in result.manifest["conversations"] for user in c["users"]}
+    key_file.unlink()
+    key_file.mkdir(mode=0o755)  # not a key: refused in one line, its mode left alone
+    with pytest.raises(ConfigError, match="export.key: the export's pseudonym key is not a file"):
+        await export(settings, ExportOptions(out=tmp_path / "out"))
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o755
 
 
 async def test_files_are_created_private(make_settings, database_url, tmp_path) -> None:
