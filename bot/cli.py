@@ -109,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str, form: str = "text") -> None:
-    """Log to standard error at `level`, as lines or JSON lines (`form`, `bot/logs.py`)."""
+def configure_logging(level: str, form: str = "text", secrets: list[str] | None = None) -> None:
+    """Log to standard error at `level`, as lines or JSON lines (`form`, `bot/logs.py`), with
+    `secrets` masked."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter(form))
+    handler.setFormatter(formatter(form, secrets or ()))
     logging.basicConfig(level=level, handlers=[handler])
     noisy_loggers = (
         "httpx",
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        configure_logging(settings.log_level, settings.log_format)
+        configure_logging(settings.log_level, settings.log_format, settings.secret_values())
         if args.command == "quantize":
             quantize(args.src, args.dst, args.lora, args.lora_scale)
             return 0

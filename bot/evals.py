@@ -197,9 +197,11 @@ def write_result(result: Mapping[str, Any], path: Path) -> None:
 def read_result(path: Path) -> dict[str, Any]:
     """A result file `yanray eval` wrote, or `EvalError` in one line."""
     try:
-        if path.stat().st_size > MAX_RESULT_BYTES:
+        with path.open("rb") as result_file:  # to the limit: a FIFO has no size to stat
+            raw = result_file.read(MAX_RESULT_BYTES + 1)
+        if len(raw) > MAX_RESULT_BYTES:
             raise EvalError(f"{path}: larger than a result file may be ({MAX_RESULT_BYTES:,} bytes)")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise EvalError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -98,10 +98,12 @@ def default_set() -> Path:
 def load_set(path: Path) -> list[EvalItem]:
     """Every item of the set at `path`, or `EvalError` naming the first bad line."""
     try:
-        size = path.stat().st_size
-        if size > MAX_SET_BYTES:
-            raise EvalError(f"{path}: {size:,} bytes, more than an eval set may have ({MAX_SET_BYTES:,})")
-        text = path.read_text(encoding="utf-8")
+        # read to the limit, not to the end: a FIFO (`<(...)`) has no size to stat
+        with path.open("rb") as set_file:
+            raw = set_file.read(MAX_SET_BYTES + 1)
+        if len(raw) > MAX_SET_BYTES:
+            raise EvalError(f"{path}: more than the {MAX_SET_BYTES:,} bytes an eval set may have")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise EvalError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:

@@ -12,10 +12,13 @@ Privacy comes first, because weights cannot forget:
   not just that person's messages: the answers around them were written having read
   them, and may quote them. A writer Yanray cannot name (no stored user) counts as one who
   did not agree. `--users` narrows this further to conversations written only by the
-  people it names; it never widens it.
+  people it names; it never widens it. A group conversation with `/system` instructions
+  is left out too: a moderator wrote them, Yanray does not store who, so their consent
+  cannot be known (a private conversation's instructions are its one writer's).
 - Platform ids never reach the dataset or the manifest: people are named by a pseudonym,
   `u-` and the first 16 hex digits of HMAC-SHA256 over `platform:id`, keyed with 32
-  random bytes kept in `$YANRAY_DATA_DIR/export.key` (made on first use, mode 0600), so
+  random bytes kept in `$YANRAY_DATA_DIR/export.key` (made on first use, mode 0600; a key
+  found readable by others is made 0600, with a warning), so
   the same person has the same pseudonym in every export from this data folder, and a
   pseudonym cannot be turned back into an id by trying ids without the key.
 - E-mail addresses, phone numbers and key-like strings are replaced (`bot/redact.py`)
@@ -36,6 +39,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -131,7 +135,15 @@ def pseudonym_key(data_dir: Path) -> bytes:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            text = path.read_text(encoding="ascii").strip()
+            found = path.stat()
+            if not stat.S_ISREG(found.st_mode):
+                raise ConfigError(f"{path}: the export's pseudonym key is not a file") from None
+            mode = stat.S_IMODE(found.st_mode)
+            if mode & 0o077:  # whoever can read the key can turn pseudonyms back into ids
+                os.chmod(path, 0o600)
+                logger.warning("%s was readable by others (mode %03o); it is 0600 now", path, mode)
+            with path.open(encoding="ascii") as key_file:
+                text = key_file.read(256).strip()  # 64 hex digits; a larger file is not a key
         else:
             text = secrets.token_hex(32)
             with os.fdopen(fd, "w", encoding="ascii") as out:
@@ -196,6 +208,8 @@ class _Exporter:
             writers = await stored.writers(session=session)
         for conversation in conversations:
             reason = self.allowed(writers.get(conversation.id, set()), consents)
+            if reason is None and conversation.user_key == "" and conversation.system_prompt:
+                reason = "group instructions by someone who may not have agreed"
             if reason is not None:
                 self.out.left_out[reason] += 1
                 continue

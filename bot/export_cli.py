@@ -23,6 +23,10 @@ DESCRIPTION = (
     "/share on are exported; e-mail addresses, phone numbers and key-like strings are redacted."
 )
 
+#: --users: the whole list, and one platform:id (as /allow takes it: 32 + 1 + 64)
+MAX_USERS_CHARS = 100_000
+MAX_PERSON_CHARS = 97
+
 
 def _date(text: str) -> datetime:
     try:
@@ -33,11 +37,16 @@ def _date(text: str) -> datetime:
 
 
 def _people(text: str) -> tuple[str, ...]:
+    if len(text) > MAX_USERS_CHARS:  # before splitting it
+        raise argparse.ArgumentTypeError(
+            f"{len(text):,} characters, more than --users may have ({MAX_USERS_CHARS:,})"
+        )
     items = tuple(item.strip() for item in text.split(",") if item.strip())
     for item in items:
         platform, _, ident = item.partition(":")
-        if not platform.isalpha() or not ident:
-            raise argparse.ArgumentTypeError(f"{item!r} is not platform:id, e.g. telegram:123456")
+        if len(item) > MAX_PERSON_CHARS or not platform.isalpha() or not ident:
+            shown = item if len(item) <= MAX_PERSON_CHARS else item[:MAX_PERSON_CHARS] + "..."
+            raise argparse.ArgumentTypeError(f"{shown!r} is not platform:id, e.g. telegram:123456")
     if not items:
         raise argparse.ArgumentTypeError("no one named: give platform:id,...")
     return items

@@ -9,8 +9,14 @@ meanwhile; the entry point hands it the core and the adapters once they are up (
 part that is not, one short reason each:
 - engine: loaded (a local model not shut down; an engine that does not say is taken as
   loaded);
-- database: answers `SELECT 1` within HEALTH_TIMEOUT_S (a real query on a pooled connection);
+- database: answers `SELECT 1` within HEALTH_TIMEOUT_S (a real query on a pooled connection).
+  One check runs at a time: requests that arrive while it runs share its answer, so a flood
+  of `/healthz` costs one connection of the pool, not all of them (the bot needs them);
 - adapters: each started and connected to its platform (`online`; the terminal always is).
+
+A request the HTTP parser refuses (a header line over 8 KB, too many headers, a bad request
+line) gets aiohttp's 400 and one debug line here, not aiohttp's logged traceback: anyone who
+reaches the port could otherwise fill the log with them.
 
 It listens on loopback by default: the metrics name no user, but the port is for the
 operator's own tools. To scrape from another host or container, set 0.0.0.0:8089 behind a
@@ -26,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from yanray.bot.errors import ConfigError
@@ -38,6 +45,16 @@ logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 2.0
 
 
+class _MalformedInOneLine(logging.LoggerAdapter):
+    """aiohttp's server logger, with a request it could not parse as one debug line."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            logger.debug("refused a malformed request (%s)", type(exc_info).__name__)
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
 class StatusListener:
     """`/healthz` and `/metrics` over aiohttp, on `host:port`."""
 
@@ -48,6 +65,7 @@ class StatusListener:
         self.db: Database | None = None
         self.adapters: Sequence[Any] = ()
         self._runner: web.AppRunner | None = None
+        self._checking: asyncio.Future[str] | None = None
 
     def attach(self, *, engine: Any, db: Database, adapters: Sequence[Any]) -> None:
         """The parts `/healthz` looks at, once they exist."""
@@ -58,7 +76,12 @@ class StatusListener:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            logger=_MalformedInOneLine(logging.getLogger("aiohttp.server"), {}),
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         try:
@@ -77,6 +100,8 @@ class StatusListener:
         logger.info("health and metrics on http://%s:%d/healthz and /metrics", self.host, self.port)
 
     async def stop(self) -> None:
+        if self._checking is not None:  # a check no request waits for any more
+            self._checking.cancel()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -121,6 +146,13 @@ class StatusListener:
         return {"healthy": healthy, "status": "ok" if healthy else "unhealthy", **parts}
 
     async def _database(self) -> str:
+        if self._checking is None:
+            checking = self._checking = asyncio.ensure_future(self._ping())
+            checking.add_done_callback(lambda _done: setattr(self, "_checking", None))
+        # shielded: a request that goes away does not cancel the check the others wait for
+        return await asyncio.shield(self._checking)
+
+    async def _ping(self) -> str:
         assert self.db is not None
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT_S):

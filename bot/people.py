@@ -115,15 +115,16 @@ class People:
         if not await self.allowed(who):
             logger.debug("reaction by %s ignored: they may not use Yanray", who)
             return False
-        async with self.db.transaction() as session:
+        # looked up in a read: Discord sends every thumb on every message of a server, and
+        # only those on an answer may take SQLite's one writer from the bot's own work
+        async with self.db.reading() as session:
             request_id = await crud.answer_at(
                 session=session, platform=platform, chat_id=chat_id, message_id=message_id
             )
-            if request_id is None:
-                logger.debug(
-                    "reaction by %s on %s message %s ignored: not an answer", who, chat_id, message_id
-                )
-                return False
+        if request_id is None:
+            logger.debug("reaction by %s on %s message %s ignored: not an answer", who, chat_id, message_id)
+            return False
+        async with self.db.transaction() as session:
             if value is None and unless is not None:
                 stored = await crud.rating_of(
                     session=session, request_id=request_id, platform=platform, user_id=user_id

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
@@ -322,6 +322,18 @@ class Settings(BaseSettings):
     def secret(self, name: str) -> str | None:
         value = getattr(self, name)
         return value.get_secret_value() if value is not None else None
+
+    def secret_values(self) -> list[str]:
+        """Every secret set: the tokens, the API key, and the database URL's password (for the
+        log to mask)."""
+        values = [value for name in sorted(SECRET_FIELDS) if (value := self.secret(name))]
+        try:
+            password = urlsplit(self.resolved_database_url).password
+        except ValueError:  # not a URL Yanray can use: Database.open says so
+            password = None
+        if password:
+            values += [password, unquote(password)]  # as written, and as the driver has it
+        return values
 
 
 def listen_address(value: str) -> tuple[str, int]:

@@ -4,6 +4,8 @@ the result and its table, `compare`, refused sets, and the shipped evals/core.js
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -351,3 +353,34 @@ def test_help_shows_both_forms(capsys) -> None:
         "usage: yanray eval [SET.jsonl] --out RESULT.json\n       yanray eval compare BEFORE.json AFTER.json\n"
     )
     assert "evals/core.jsonl" in text
+
+
+def test_a_set_or_result_with_no_size_to_stat_is_read_only_to_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`yanray eval <(generate)` and `eval compare` read a FIFO, which stats as 0 bytes: it is
+    read up to the limit and refused, not read to an end that may never come."""
+    from yanray.bot import evals, evalset
+
+    monkeypatch.setattr(evalset, "MAX_SET_BYTES", 10_000)
+    monkeypatch.setattr(evals, "MAX_RESULT_BYTES", 10_000)
+    for name, read, said in (
+        ("set.jsonl", load_set, "more than the 10,000 bytes an eval set may have"),
+        ("result.json", read_result, r"larger than a result file may be \(10,000 bytes\)"),
+    ):
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+
+        def feed(fifo: Path = fifo) -> None:
+            try:
+                with open(fifo, "wb") as out:
+                    out.write(b" " * 200_000)
+            except BrokenPipeError:
+                pass  # the reader had enough
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        with pytest.raises(EvalError, match=said):
+            read(fifo)
+        feeder.join(timeout=10)
+        assert not feeder.is_alive()

@@ -473,6 +473,56 @@ async def test_long_chats_are_cut_into_windows_that_end_on_an_answer(
     ]
 
 
+async def test_group_instructions_of_unknown_authorship_keep_the_group_out(
+    make_settings, database_url, tmp_path
+) -> None:
+    """A moderator's /system text in a group is someone's words, and Yanray does not store
+    whose: the group is left out; a private chat's own instructions are exported."""
+    built = await build_database(database_url)
+    db = await Database.open(database_url)
+    try:
+        async with db.transaction() as session:
+            for key, text in (
+                ("telegram:-1001:", "Moderator Erin's house rules"),
+                (f"telegram:{ALICE}:{ALICE}", "Be brief, Alice said"),
+            ):
+                await crud.set_system_prompt(
+                    session=session, conversation_id=built.conversations[key], text=text
+                )
+    finally:
+        await db.close()
+    result, files = await run(settings_for(make_settings), tmp_path / "out")
+    records = files["yanray"]
+    assert turns(*GROUP) not in [r["conversations"] for r in records]
+    assert records[0]["conversations"] == turns(*HELLO, *SLASH)
+    assert records[0]["system"].startswith("Be brief, Alice said\n")
+    assert "house rules" not in "".join(p.read_text() for p in (tmp_path / "out").iterdir())
+    left_out = result.manifest["counts"]["left_out_conversations"]
+    assert left_out["group instructions by someone who may not have agreed"] == 1
+
+
+async def test_a_key_readable_by_others_is_made_private_and_kept(
+    make_settings, database_url, tmp_path, caplog
+) -> None:
+    await build_database(database_url)
+    settings = settings_for(make_settings)
+    key_file = settings.data_dir / "export.key"
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key = os.urandom(32)
+    key_file.write_text(key.hex() + "\n")
+    os.chmod(key_file, 0o644)  # copied with a careless umask: anyone could undo the pseudonyms
+    result, _ = await run(settings, tmp_path / "out")
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert "export.key was readable by others (mode 644); it is 0600 now" in caplog.text
+    alice = "u-" + hmac.new(key, f"telegram:{ALICE}".encode(), hashlib.sha256).hexdigest()[:16]
+    assert alice in {user for c in result.manifest["conversations"] for user in c["users"]}
+    key_file.unlink()
+    key_file.mkdir(mode=0o755)  # not a key: refused in one line, its mode left alone
+    with pytest.raises(ConfigError, match="export.key: the export's pseudonym key is not a file"):
+        await export(settings, ExportOptions(out=tmp_path / "out"))
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o755
+
+
 async def test_files_are_created_private(make_settings, database_url, tmp_path) -> None:
     await build_database(database_url)
     out = tmp_path / "out"
@@ -520,3 +570,20 @@ def test_the_command_exports_and_its_options_are_in_the_readme(tmp_path, monkeyp
     section = section[: section.index("\n## ")]
     documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", section))
     assert documented == options
+
+
+def test_users_has_size_limits_checked_before_it_is_split(capsys) -> None:
+    parser = build_parser()
+    for users, said in (
+        ("telegram:1," * 20_000, "220,000 characters, more than --users may have (100,000)"),
+        ("telegram:" + "7" * 5_000, "'telegram:" + "7" * 88 + "...' is not platform:id"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["export", "--out", "x", "--users", users])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err) < 1_000
+    assert parser.parse_args(["export", "--out", "x", "--users", "telegram:1,discord:2"]).users == (
+        "telegram:1",
+        "discord:2",
+    )

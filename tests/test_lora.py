@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +307,33 @@ def test_each_refused_flag_is_refused_by_name(
     with pytest.raises(AdapterRefused) as refused:
         read_adapter(folder, cfg)
     assert named in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_config_with_no_size_to_stat_is_read_only_to_the_limit(base, tmp_path: Path) -> None:
+    """adapter_config.json as a FIFO (or a link to /dev/zero) stats as 0 bytes: it is read up to
+    the limit and refused, not read to an end that may never come."""
+    _, cfg, _ = base
+    folder = write_adapter(tmp_path / "adapter", cfg)
+    config = folder / "adapter_config.json"
+    config.unlink()
+    os.mkfifo(config)
+    written: list[int] = []
+
+    def feed() -> None:
+        try:
+            with open(config, "wb") as fifo:
+                for _ in range(4):
+                    fifo.write(b" " * (1 << 20))
+                    written.append(1)
+        except BrokenPipeError:
+            pass  # the reader had enough
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    with pytest.raises(AdapterRefused, match="adapter_config.json is larger than 1048576 bytes"):
+        read_adapter(folder, cfg)
+    feeder.join(timeout=10)
+    assert not feeder.is_alive() and len(written) < 4
 
 
 def _with(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import socket
@@ -180,6 +181,77 @@ async def test_healthz_gives_a_database_that_does_not_answer_a_time_limit(
     assert json.loads(body)["database"] == "no answer within 0.5 s"
 
 
+async def test_a_flood_of_healthz_takes_one_connection_not_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anyone who reaches the listener may ask /healthz many times at once: the requests share
+    one database check, so the pool keeps its connections for the bot (the silent server
+    counts the connections the checks open)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from yanray.bot import listener as listener_module
+    from yanray.storage import Database
+
+    monkeypatch.setattr(listener_module, "HEALTH_TIMEOUT_S", 1.0)
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    db = Database(create_async_engine(f"postgresql+asyncpg://yanray@127.0.0.1:{port}/yanray"))
+    try:
+        async with StatusListener("127.0.0.1", 0, metrics=Metrics()) as listener:
+            listener.attach(engine=ScriptedEngine(), db=db, adapters=[])
+            answers = await asyncio.gather(*(get(listener, "/healthz") for _ in range(20)))
+            opened_by_flood = len(held)
+            again = await get(listener, "/healthz")  # a later request checks anew
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await db.close()
+    assert [(status, json.loads(body)["database"]) for status, _type, body in answers] == [
+        (503, "no answer within 1 s")
+    ] * 20
+    assert opened_by_flood == 1
+    assert again[0] == 503 and len(held) == 2
+
+
+async def raw_status(port: int, request: bytes) -> bytes:
+    """The status line the listener answers a raw request with."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 10)).strip()
+    finally:
+        writer.close()
+
+
+async def test_the_listener_serves_two_paths_and_refuses_oversized_requests_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only GET on /healthz and /metrics; an overlong request line, header or too many headers
+    is a 400 from the parser, and none of it puts a traceback in the log."""
+    async with StatusListener("127.0.0.1", 0, metrics=Metrics()) as listener:
+        port = listener.port
+        host = b"Host: x\r\n"
+        answers = [
+            await raw_status(port, b"GET /metrics HTTP/1.1\r\n" + host + b"\r\n"),
+            await raw_status(port, b"POST /metrics HTTP/1.1\r\n" + host + b"Content-Length: 2\r\n\r\n{}"),
+            await raw_status(port, b"GET /admin HTTP/1.1\r\n" + host + b"\r\n"),
+            await raw_status(port, b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n" + host + b"\r\n"),
+            await raw_status(
+                port, b"GET /healthz HTTP/1.1\r\n" + host + b"X: " + b"a" * 100_000 + b"\r\n\r\n"
+            ),
+            await raw_status(port, b"GET /healthz HTTP/1.1\r\n" + b"X: a\r\n" * 50_000 + b"\r\n"),
+        ]
+    assert [answer.split(b" ")[1] for answer in answers] == [b"200", b"405", b"404", b"400", b"400", b"400"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []
+
+
 async def test_healthz_names_an_adapter_that_is_not_connected(
     fake: FakeTelegram, make_settings: Callable[..., Settings]
 ) -> None:
@@ -331,3 +403,36 @@ async def test_engine_metrics_show_warm_hits_and_batch_occupancy(
     assert found[("yanray_out_of_memory_total", ())] == 0
     assert found[("yanray_prefilled_tokens_total", ())] > 0
     assert ("yanray_gpu_memory_used_bytes", ()) not in found  # the CPU keeps no such account
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+async def test_the_log_masks_every_secret_in_either_form(form: str) -> None:
+    """A library may name a secret in an error (PTB's InvalidToken names the token); the log line
+    has `***` there instead, in the message and in the traceback."""
+    from telegram.error import InvalidToken
+
+    from yanray.bot.logs import formatter
+
+    token, password = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw", 'pa"ss\\w0rd'
+    settings = Settings(
+        telegram_token=token,
+        discord_token="MTA5.discord-token-value",
+        database_url="postgresql+asyncpg://yanray:pa%22ss%5Cw0rd@db/yanray",
+    )
+    secrets = settings.secret_values()
+    assert {token, "MTA5.discord-token-value", password} <= set(secrets)
+    try:
+        raise InvalidToken(f"The token `{token}` was rejected by the server.")
+    except InvalidToken:
+        record = logging.LogRecord(
+            "telegram.ext", logging.ERROR, __file__, 1, "start failed: %s", (password,), sys.exc_info()
+        )
+    line = formatter(form, secrets).format(record)
+    for secret in (token, password, json.dumps(password)[1:-1], "AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"):
+        assert secret not in line
+    assert line.count("***") == 2
+    if form == "json":
+        entry = json.loads(line)
+        assert (
+            entry["message"] == "start failed: ***" and "The token `***` was rejected" in entry["exception"]
+        )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any
 
@@ -193,6 +194,9 @@ async def test_a_reaction_counts_only_on_an_answer_and_only_from_someone_allowed
 
     assert not await react("mallory", "77", 1), "a denied person's reaction is ignored"
     assert not await react("bob", "76", 1), "76 shows no answer"
+    async with core.db.transaction():  # the worker storing an answer holds SQLite's one writer
+        # a thumb on any other message (Discord sends them all) does not wait for it
+        assert not await asyncio.wait_for(react("bob", "75", 1), 5)
     assert await react("bob", "78", -1) and await react("alice", "77", 1)
     assert await ratings(core) == [(1, "test", "alice", 1), (1, "test", "bob", -1)]
     assert await react("bob", "78", None)

@@ -171,9 +171,12 @@ def target_of(glm_name: str) -> str:
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
+        # read to the limit, not to the end: a FIFO or a link to /dev/zero has no size to stat
+        with path.open("rb") as config_file:
+            raw = config_file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
             raise AdapterRefused(f"LoRA adapter {folder}: {CONFIG} is larger than {MAX_CONFIG_BYTES} bytes")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise AdapterRefused(f"LoRA adapter {folder}: no {CONFIG} (expected a PEFT adapter folder)") from None
     except (OSError, ValueError) as exc:
