@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.test_docs import default_matches
 from yanray.bot.settings import Settings
 
 ROOT = Path(__file__).parents[1]
@@ -65,6 +66,22 @@ def test_env_example_leaves_every_setting_at_its_default() -> None:
         "\n".join(line for line in _env_example().splitlines() if not line.startswith("#"))
     )
     assert active == []
+
+
+def test_env_example_shows_each_default() -> None:
+    # below the profiles' sections, whose lines are the values a profile needs, each setting's
+    # commented-out value is its default: uncommenting a line changes only what is edited
+    settings_part = _env_example().split("\n# Core\n", 1)[1]
+    values = re.findall(r"^# ?YANRAY_([A-Z0-9_]+)=(.*)$", settings_part, re.MULTILINE)
+    assert len(values) == len(dict(values)) == len(Settings.model_fields) + 1
+    wrong = {
+        name: value
+        for name, value in values
+        # the persona is said in words; CONFIG is no field
+        if name not in ("CONFIG", "SYSTEM_PROMPT")
+        and not default_matches(name.lower(), f"`{value}`" if value else "")
+    }
+    assert wrong == {}
 
 
 def test_every_compose_variable_is_documented() -> None:
