@@ -141,6 +141,47 @@ def test_healthchecks_reach_the_listeners() -> None:
     assert not any("trust-remote-code" in str(arg) for arg in vllm["command"])
 
 
+def test_the_yanray_healthcheck_asks_the_listener_yanray_run_starts() -> None:
+    """The seam between the compose file, the image and the code: the container runs `yanray
+    run`, which listens on YANRAY_HTTP_LISTEN as the image and the compose file set it, and the
+    healthcheck's URL is that port and a path the listener serves (`/healthz`, 503 "starting"
+    until the model is loaded: urlopen fails, so the container is not yet healthy)."""
+    import asyncio
+    from urllib.error import HTTPError
+    from urllib.parse import urlsplit
+    from urllib.request import urlopen
+
+    from yanray.bot.listener import StatusListener
+    from yanray.bot.metrics import Metrics
+    from yanray.bot.settings import listen_address
+
+    yanray = _compose()["services"]["yanray"]
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert yanray["command"] == ["run"] and re.search(r'^CMD \["run"\]$', dockerfile, re.MULTILINE)
+    assert re.search(r'^ENTRYPOINT \["yanray"\]$', dockerfile, re.MULTILINE)
+    listen = yanray["environment"]["YANRAY_HTTP_LISTEN"]
+    assert f"YANRAY_HTTP_LISTEN={listen}" in dockerfile.split()  # the image alone says the same
+    host, port = listen_address(listen)
+    url = urlsplit(_healthcheck_url(yanray))
+    assert host == "0.0.0.0" and url.hostname == "127.0.0.1" and url.port == port
+
+    async def ask() -> tuple[int, str]:
+        async with StatusListener("127.0.0.1", 0, metrics=Metrics()) as listener:
+            here = f"http://127.0.0.1:{listener.port}{url.path}"
+
+            def get() -> tuple[int, str]:
+                try:
+                    with urlopen(here, timeout=4) as response:  # as the healthcheck does
+                        return response.status, response.read().decode()
+                except HTTPError as error:
+                    return error.code, error.read().decode()
+
+            return await asyncio.to_thread(get)
+
+    status, body = asyncio.run(ask())
+    assert (status, json.loads(body)) == (503, {"status": "starting", "engine": "loading"})
+
+
 def test_volumes_hold_the_data_folder_and_the_model_cache() -> None:
     compose = _compose()
     yanray = compose["services"]["yanray"]
