@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_parser(
         "run",
-        help="run the Telegram and Discord bots",
+        help="run the Telegram and/or Discord bot, whichever has a token set",
         description="Run every adapter whose token is set (YANRAY_TELEGRAM_TOKEN, YANRAY_DISCORD_TOKEN) "
-        "with the engine worker, until SIGINT or SIGTERM.",
+        "with the engine worker, until SIGINT or SIGTERM, and serve /healthz and /metrics on "
+        "YANRAY_HTTP_LISTEN (default 127.0.0.1:8089; empty: none).",
     )
     quantize = commands.add_parser(
         "quantize",
