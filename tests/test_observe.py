@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.telegram_harness import running_bot, telegram_settings
@@ -384,3 +385,28 @@ async def test_engine_metrics_show_warm_hits_and_batch_occupancy(
     assert found[("yanray_out_of_memory_total", ())] == 0
     assert found[("yanray_prefilled_tokens_total", ())] > 0
     assert ("yanray_gpu_memory_used_bytes", ()) not in found  # the CPU keeps no such account
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+async def test_gpu_memory_is_scraped_from_the_local_engine_on_a_gpu(
+    make_settings: Callable[..., Settings], core_factory, random_folder: Path
+) -> None:
+    """On a GPU the gauges say what torch holds for the model and a conversation: something
+    now, at least as much at the peak, at most the card."""
+    from yanray.engine.local import LocalEngine
+
+    engine = LocalEngine.load(
+        random_folder, device="cuda", dtype="float32", seed=1, kv_cache_gb=0.05, max_batch=2, compile="off"
+    )
+    try:
+        core = await core_factory(make_settings(tools=[], max_new_tokens=20), engine)
+        out = RecordingStream()
+        await core.dispatcher.handle(incoming("Tell me about tea.", "alice"), out)
+        await out.wait(60)
+        await core.wait_idle()
+        found = samples(core.metrics.render().decode())
+    finally:
+        await engine.aclose()
+    used, peak, total = (found[(f"yanray_gpu_memory_{kind}_bytes", ())] for kind in ("used", "peak", "total"))
+    assert 0 < used <= peak <= total
