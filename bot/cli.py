@@ -246,7 +246,11 @@ async def _run(
                     started.append(adapter)
                 await core.start()
                 logger.info(
-                    "Yanray is running (%s); Ctrl-C stops it", ", ".join(a.platform for a in adapters)
+                    "Yanray is running (%s)%s; Ctrl-C stops it",
+                    ", ".join(a.platform for a in adapters),
+                    ""
+                    if listener is None
+                    else f"; health and metrics on http://{listener.host}:{listener.port}/healthz and /metrics",
                 )
                 stopped = asyncio.ensure_future(stop.wait())
                 waiting: set[asyncio.Future[Any]] = {stopped, failed}
