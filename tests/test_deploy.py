@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.test_docs import default_matches
-from yanray.bot.settings import Settings
+from yanray.bot.settings import Settings, load_settings
 
 ROOT = Path(__file__).parents[1]
 PROFILES = {"search": "searxng", "postgres": "postgres", "vllm": "vllm"}
@@ -82,6 +82,27 @@ def test_env_example_shows_each_default() -> None:
         and not default_matches(name.lower(), f"`{value}`" if value else "")
     }
     assert wrong == {}
+
+
+def test_a_line_uncommented_without_a_value_keeps_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `cp .env.example .env`, then both token lines uncommented and only one filled in: the
+    # other is no token at all (an empty Discord token would be sent to Discord and refused)
+    empty = re.findall(r"^# ?YANRAY_([A-Z0-9_]+)=$", _env_example(), re.MULTILINE)
+    assert "DISCORD_TOKEN" in empty
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"YANRAY_{name.upper()}", raising=False)
+    monkeypatch.chdir(ROOT / "deploy")  # no yanray.toml here
+    names = [name for name in empty if name not in ("CONFIG", "SYSTEM_PROMPT")]  # the persona: in words
+    for name in names:
+        monkeypatch.setenv(f"YANRAY_{name}", "")
+    settings = load_settings()
+    changed = {
+        name: getattr(settings, name.lower())
+        for name in names
+        if getattr(settings, name.lower())
+        != Settings.model_fields[name.lower()].get_default(call_default_factory=True)
+    }
+    assert changed == {}
 
 
 def test_every_compose_variable_is_documented() -> None:
