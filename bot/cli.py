@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from yanray.bot.app import Core
 from yanray.bot.errors import AdapterFailed, ConfigError, YanrayError
 from yanray.bot.export_cli import add_export_parser, run_export
 from yanray.bot.listener import StatusListener
-from yanray.bot.logs import formatter
+from yanray.bot.logs import formatter, logs_json, route_library_logs
 from yanray.bot.metrics import Metrics
 from yanray.bot.settings import Settings, load_settings
 from yanray.bot.types import Adapter
@@ -59,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_parser(
         "run",
-        help="run the Telegram and Discord bots",
+        help="run the Telegram and/or Discord bot, whichever has a token set",
         description="Run every adapter whose token is set (YANRAY_TELEGRAM_TOKEN, YANRAY_DISCORD_TOKEN) "
-        "with the engine worker, until SIGINT or SIGTERM.",
+        "with the engine worker, until SIGINT or SIGTERM, and serve /healthz and /metrics on "
+        "YANRAY_HTTP_LISTEN (default 127.0.0.1:8089; empty: none).",
     )
     quantize = commands.add_parser(
         "quantize",
@@ -115,6 +117,7 @@ def configure_logging(level: str, form: str = "text", secrets: list[str] | None 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(form, secrets or ()))
     logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(True)  # a library's warnings.warn is a log line in the same form
     noisy_loggers = (
         "httpx",
         "aiosqlite",
@@ -142,6 +145,7 @@ async def build_engine(settings: Settings) -> Engine:
         )
     from yanray.engine.local import LocalEngine
 
+    route_library_logs(settings.log_format)  # imported now; their lines take Yanray's form
     return await asyncio.to_thread(
         LocalEngine.load,
         settings.model,
@@ -243,7 +247,11 @@ async def _run(
                     started.append(adapter)
                 await core.start()
                 logger.info(
-                    "Yanray is running (%s); Ctrl-C stops it", ", ".join(a.platform for a in adapters)
+                    "Yanray is running (%s)%s; Ctrl-C stops it",
+                    ", ".join(a.platform for a in adapters),
+                    ""
+                    if listener is None
+                    else f"; health and metrics on http://{listener.host}:{listener.port}/healthz and /metrics",
                 )
                 stopped = asyncio.ensure_future(stop.wait())
                 waiting: set[asyncio.Future[Any]] = {stopped, failed}
@@ -257,13 +265,20 @@ async def _run(
         await engine.aclose()
 
 
-def quantize(src: Path, dst: Path, lora: Path | None = None, lora_scale: float | None = None) -> None:
+def quantize(
+    src: Path, dst: Path, lora: Path | None = None, lora_scale: float | None = None, log_format: str = "text"
+) -> None:
     from yanray.engine.int8 import quantize_folder
 
     if lora_scale is not None and lora is None:
         raise ConfigError("--lora-scale needs --lora ADAPTER")
+    route_library_logs(log_format)
     manifest = quantize_folder(
-        src, dst, progress=True, lora=lora, lora_scale=1.0 if lora_scale is None else lora_scale
+        src,
+        dst,
+        progress=log_format != "json",  # a progress bar is not a JSON line
+        lora=lora,
+        lora_scale=1.0 if lora_scale is None else lora_scale,
     )
     if "lora" in manifest:
         from yanray.engine.chatglm3.lora import survival_line
@@ -352,16 +367,55 @@ def check_data_dir(settings: Settings) -> None:
         raise ConfigError(f"{where}: cannot be written ({reason}); choose a folder Yanray may write") from exc
 
 
+class _Held(logging.Handler):
+    """Keeps records until the log's form is known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def settings_and_logging(config: Path | None) -> Settings:
+    """Load the settings, configure logging as they say, then log what loading them warned
+    (an unknown YANRAY_* variable) in that form: with YANRAY_LOG_FORMAT=json those warnings
+    are JSON lines too. If the settings are refused, the log takes YANRAY_LOG_FORMAT as the
+    environment gives it (text unless it says json)."""
+    held = _Held()
+    root = logging.getLogger()
+    root.addHandler(held)
+    try:
+        settings = load_settings(config)
+    except BaseException:
+        root.removeHandler(held)
+        form = "json" if os.environ.get("YANRAY_LOG_FORMAT", "").strip().lower() == "json" else "text"
+        configure_logging("INFO", form)
+        _replay(held.records)
+        raise
+    root.removeHandler(held)
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+    _replay(held.records)
+    return settings
+
+
+def _replay(records: list[logging.LogRecord]) -> None:
+    for record in records:
+        logger_of = logging.getLogger(record.name)
+        if logger_of.isEnabledFor(record.levelno):  # YANRAY_LOG_LEVEL=ERROR hides a warning
+            logger_of.handle(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `yanray` command. Every expected failure is a `YanrayError`, caught here once:
     one line on standard error, exit status 2 for a configuration problem (`ConfigError`)
     and 1 for any other; the traceback goes to the log at YANRAY_LOG_LEVEL=DEBUG only."""
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(args.config)
-        configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+        settings = settings_and_logging(args.config)
         if args.command == "quantize":
-            quantize(args.src, args.dst, args.lora, args.lora_scale)
+            quantize(args.src, args.dst, args.lora, args.lora_scale, settings.log_format)
             return 0
         if args.command == "export":
             run_export(settings, args)
@@ -381,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("stopped: %s", exc, exc_info=True)
         config = isinstance(exc, ConfigError)
         line = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever it quotes
+        if logs_json():
+            logger.error("%s", line)  # a log shipper reading JSON lines sees why it stopped too
         print(f"yanray: {'bad setting: ' if config else ''}{line}", file=sys.stderr)
         return 2 if config else 1
     except KeyboardInterrupt:

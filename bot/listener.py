@@ -97,7 +97,9 @@ class StatusListener:
         sockets = getattr(site._server, "sockets", None) or ()  # the port actually bound (port 0)
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        logger.info("health and metrics on http://%s:%d/healthz and /metrics", self.host, self.port)
+        # at debug: a start that fails later (a refused token) stays one line on stderr;
+        # `yanray run` names the address at info once it is running
+        logger.debug("health and metrics on http://%s:%d/healthz and /metrics", self.host, self.port)
 
     async def stop(self) -> None:
         if self._checking is not None:  # a check no request waits for any more

@@ -174,6 +174,19 @@ class Settings(BaseSettings):
     def _auto_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
 
+    @field_validator(
+        "openai_api_key",
+        "telegram_token",
+        "telegram_webhook_secret",
+        "discord_token",
+        "discord_guild_id",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `YANRAY_DISCORD_TOKEN=` left empty in an env file means "none", not an empty token
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("telegram_base_url", "openai_base_url", "discord_api_base", "telegram_webhook_url")
     @classmethod
     def _http_url(cls, value: str, info: ValidationInfo) -> str:

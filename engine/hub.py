@@ -143,9 +143,12 @@ def _hub_download(model_id: str, dst: Path, patterns: list[str]) -> None:
 
 
 def _quantize(src: Path, dst: Path) -> None:
+    from huggingface_hub.utils import are_progress_bars_disabled
+
     from yanray.engine.int8 import quantize_folder
 
-    quantize_folder(src, dst, progress=True)
+    # a bar like the download's, or none when they are off (JSON logs: bot/logs.py)
+    quantize_folder(src, dst, progress=not are_progress_bars_disabled())
 
 
 def _is_ready(folder: Path) -> bool:

@@ -232,6 +232,7 @@ async def test_out_of_memory_at_join_fails_only_the_joining_request(
             raise torch.OutOfMemoryError("injected: no room for one more conversation")
 
     batch_engine.join_fault = fault
+    counted = batch_engine.stats.out_of_memory  # what /metrics shows as yanray_out_of_memory_total
     try:
         running = asyncio.Event()
         first = asyncio.ensure_future(_conversation(batch_engine, 1, tokens=40, started=running))
@@ -244,6 +245,7 @@ async def test_out_of_memory_at_join_fails_only_the_joining_request(
         assert [await first, await second] == alone[1:]
     finally:
         batch_engine.join_fault = None
+    assert batch_engine.stats.out_of_memory == counted + 1
     assert await _conversation(batch_engine, 0, tokens=40) == alone[0]  # and it works again after
 
 
@@ -259,6 +261,7 @@ async def test_out_of_memory_in_a_batched_step_fails_the_last_joined_and_the_res
             failed = True
             raise torch.OutOfMemoryError("injected: a batched step ran out of memory")
 
+    counted = batch_engine.stats.out_of_memory
     handle = batch_engine.model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         running = asyncio.Event()
@@ -275,6 +278,7 @@ async def test_out_of_memory_in_a_batched_step_fails_the_last_joined_and_the_res
     assert failed
     assert results[:2] == alone[:2]
     assert isinstance(results[2], EngineError) and "ran out of memory" in str(results[2])
+    assert batch_engine.stats.out_of_memory == counted + 1
 
 
 # -- through the worker ----------------------------------------------------------------

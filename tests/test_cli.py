@@ -22,8 +22,9 @@ def env(tmp_path: Path, **extra: str) -> dict[str, str]:
     dropped = ("YANRAY_", "LANGUAGE", "LC_ALL", "LC_MESSAGES")
     base = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     base.update({"YANRAY_DATA_DIR": str(tmp_path / "data"), "YANRAY_TEMPERATURE": "0", "LANG": "C.UTF-8"})
-    # no /healthz listener unless a test asks: 8089 may be taken on a shared machine
-    base["YANRAY_HTTP_LISTEN"] = ""
+    # `yanray run`'s /healthz and /metrics on a free port: two tests at once (or anything on
+    # the default 8089) would otherwise refuse the second one's start
+    base["YANRAY_HTTP_LISTEN"] = "127.0.0.1:0"
     base.update(extra)
     return base
 

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from yanray.bot.settings import Settings
+from tests.test_docs import default_matches
+from yanray.bot.settings import Settings, load_settings
 
 ROOT = Path(__file__).parents[1]
 PROFILES = {"search": "searxng", "postgres": "postgres", "vllm": "vllm"}
@@ -65,6 +66,43 @@ def test_env_example_leaves_every_setting_at_its_default() -> None:
         "\n".join(line for line in _env_example().splitlines() if not line.startswith("#"))
     )
     assert active == []
+
+
+def test_env_example_shows_each_default() -> None:
+    # below the profiles' sections, whose lines are the values a profile needs, each setting's
+    # commented-out value is its default: uncommenting a line changes only what is edited
+    settings_part = _env_example().split("\n# Core\n", 1)[1]
+    values = re.findall(r"^# ?YANRAY_([A-Z0-9_]+)=(.*)$", settings_part, re.MULTILINE)
+    assert len(values) == len(dict(values)) == len(Settings.model_fields) + 1
+    wrong = {
+        name: value
+        for name, value in values
+        # the persona is said in words; CONFIG is no field
+        if name not in ("CONFIG", "SYSTEM_PROMPT")
+        and not default_matches(name.lower(), f"`{value}`" if value else "")
+    }
+    assert wrong == {}
+
+
+def test_a_line_uncommented_without_a_value_keeps_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `cp .env.example .env`, then both token lines uncommented and only one filled in: the
+    # other is no token at all (an empty Discord token would be sent to Discord and refused)
+    empty = re.findall(r"^# ?YANRAY_([A-Z0-9_]+)=$", _env_example(), re.MULTILINE)
+    assert "DISCORD_TOKEN" in empty
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"YANRAY_{name.upper()}", raising=False)
+    monkeypatch.chdir(ROOT / "deploy")  # no yanray.toml here
+    names = [name for name in empty if name not in ("CONFIG", "SYSTEM_PROMPT")]  # the persona: in words
+    for name in names:
+        monkeypatch.setenv(f"YANRAY_{name}", "")
+    settings = load_settings()
+    changed = {
+        name: getattr(settings, name.lower())
+        for name in names
+        if getattr(settings, name.lower())
+        != Settings.model_fields[name.lower()].get_default(call_default_factory=True)
+    }
+    assert changed == {}
 
 
 def test_every_compose_variable_is_documented() -> None:
@@ -122,6 +160,47 @@ def test_healthchecks_reach_the_listeners() -> None:
     served = vllm["command"][vllm["command"].index("--served-model-name") + 1]
     assert served.startswith("${YANRAY_OPENAI_MODEL:-")
     assert not any("trust-remote-code" in str(arg) for arg in vllm["command"])
+
+
+def test_the_yanray_healthcheck_asks_the_listener_yanray_run_starts() -> None:
+    """The seam between the compose file, the image and the code: the container runs `yanray
+    run`, which listens on YANRAY_HTTP_LISTEN as the image and the compose file set it, and the
+    healthcheck's URL is that port and a path the listener serves (`/healthz`, 503 "starting"
+    until the model is loaded: urlopen fails, so the container is not yet healthy)."""
+    import asyncio
+    from urllib.error import HTTPError
+    from urllib.parse import urlsplit
+    from urllib.request import urlopen
+
+    from yanray.bot.listener import StatusListener
+    from yanray.bot.metrics import Metrics
+    from yanray.bot.settings import listen_address
+
+    yanray = _compose()["services"]["yanray"]
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert yanray["command"] == ["run"] and re.search(r'^CMD \["run"\]$', dockerfile, re.MULTILINE)
+    assert re.search(r'^ENTRYPOINT \["yanray"\]$', dockerfile, re.MULTILINE)
+    listen = yanray["environment"]["YANRAY_HTTP_LISTEN"]
+    assert f"YANRAY_HTTP_LISTEN={listen}" in dockerfile.split()  # the image alone says the same
+    host, port = listen_address(listen)
+    url = urlsplit(_healthcheck_url(yanray))
+    assert host == "0.0.0.0" and url.hostname == "127.0.0.1" and url.port == port
+
+    async def ask() -> tuple[int, str]:
+        async with StatusListener("127.0.0.1", 0, metrics=Metrics()) as listener:
+            here = f"http://127.0.0.1:{listener.port}{url.path}"
+
+            def get() -> tuple[int, str]:
+                try:
+                    with urlopen(here, timeout=4) as response:  # as the healthcheck does
+                        return response.status, response.read().decode()
+                except HTTPError as error:
+                    return error.code, error.read().decode()
+
+            return await asyncio.to_thread(get)
+
+    status, body = asyncio.run(ask())
+    assert (status, json.loads(body)) == (503, {"status": "starting", "engine": "loading"})
 
 
 def test_volumes_hold_the_data_folder_and_the_model_cache() -> None:

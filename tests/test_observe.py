@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.telegram_harness import running_bot, telegram_settings
@@ -281,6 +282,7 @@ async def test_a_taken_port_is_one_line_and_json_logs_parse(tmp_path: Path) -> N
         YANRAY_LOG_FORMAT="json",
         YANRAY_LOG_LEVEL="DEBUG",
         YANRAY_MODEL=str(tmp_path / "no-model-here"),
+        YANRAY_TEMPERATUR="0.1",  # a typo: warned about while the settings load, before logging is set up
     )
     try:
         process = await asyncio.create_subprocess_exec(
@@ -304,6 +306,58 @@ async def test_a_taken_port_is_one_line_and_json_logs_parse(tmp_path: Path) -> N
     stopped = [r for r in records if r["logger"] == "yanray" and r["message"].startswith("stopped: ")]
     assert len(stopped) == 1 and stopped[0]["level"] == "DEBUG"
     assert "Traceback" in stopped[0]["exception"] and "ConfigError" in stopped[0]["exception"]
+    why = [r for r in records if r["level"] == "ERROR"]
+    assert [r["message"] for r in why] == [last.removeprefix("yanray: bad setting: ")]
+    typo = [r for r in records if r["message"].startswith("YANRAY_TEMPERATUR is not a Yanray setting")]
+    assert len(typo) == 1 and typo[0]["level"] == "WARNING"
+
+
+LIBRARIES_WARN = """
+import logging, sys, warnings
+from yanray.bot.cli import configure_logging
+from yanray.bot.logs import route_library_logs
+configure_logging("INFO", sys.argv[1])
+route_library_logs(sys.argv[1])  # as build_engine does once it has imported the local engine
+warnings.warn("a library's warning", UserWarning)
+logging.getLogger("transformers.modeling_utils").warning("from transformers")
+logging.getLogger("huggingface_hub.file_download").warning("from the hub")
+logging.getLogger("torch._dynamo.utils").warning("from torch")
+logging.getLogger("transformers.modeling_utils").info("below transformers' level")
+from huggingface_hub.utils import are_progress_bars_disabled
+print(are_progress_bars_disabled())
+"""
+
+
+@pytest.mark.parametrize("form", ["json", "text"])
+async def test_library_warnings_take_the_logs_form_once_each(form: str) -> None:
+    """torch, transformers and huggingface_hub install stderr handlers of their own, and
+    warnings.warn writes to stderr directly: all of it becomes log lines in Yanray's form,
+    each once, and the JSON form turns the progress bars off."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        LIBRARIES_WARN,
+        form,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().strip() == str(form == "json")
+    lines = err.decode().splitlines()
+    if form == "text":
+        messages = [line for line in lines if " WARNING " in line]
+        assert len(messages) == 4, lines
+        return
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    assert len(records) == 4, records
+    messages = {r["logger"]: r["message"] for r in records}
+    assert "UserWarning: a library's warning" in messages.pop("py.warnings")
+    assert messages == {
+        "huggingface_hub.file_download": "from the hub",
+        "torch._dynamo.utils": "from torch",
+        "transformers.modeling_utils": "from transformers",
+    }
 
 
 def incoming(text: str, user: str, language: str | None = None) -> Incoming:
@@ -436,3 +490,28 @@ async def test_the_log_masks_every_secret_in_either_form(form: str) -> None:
         assert (
             entry["message"] == "start failed: ***" and "The token `***` was rejected" in entry["exception"]
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+async def test_gpu_memory_is_scraped_from_the_local_engine_on_a_gpu(
+    make_settings: Callable[..., Settings], core_factory, random_folder: Path
+) -> None:
+    """On a GPU the gauges say what torch holds for the model and a conversation: something
+    now, at least as much at the peak, at most the card."""
+    from yanray.engine.local import LocalEngine
+
+    engine = LocalEngine.load(
+        random_folder, device="cuda", dtype="float32", seed=1, kv_cache_gb=0.05, max_batch=2, compile="off"
+    )
+    try:
+        core = await core_factory(make_settings(tools=[], max_new_tokens=20), engine)
+        out = RecordingStream()
+        await core.dispatcher.handle(incoming("Tell me about tea.", "alice"), out)
+        await out.wait(60)
+        await core.wait_idle()
+        found = samples(core.metrics.render().decode())
+    finally:
+        await engine.aclose()
+    used, peak, total = (found[(f"yanray_gpu_memory_{kind}_bytes", ())] for kind in ("used", "peak", "total"))
+    assert 0 < used <= peak <= total

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from tests.recording import RecordingStream
 from tests.scripted_engine import ScriptedEngine
 from yanray.adapters.console import ConsoleAdapter
+from yanray.bot import people
 from yanray.bot.app import Core
 from yanray.bot.dispatcher import ADMIN_HELP, HELP
 from yanray.bot.i18n import translator
@@ -136,6 +137,34 @@ async def test_deny_refuses_allow_answers_and_both_survive_a_restart(make_settin
         ("test", "bob", True, "test:root"),
         ("test", "alice", False, "test:root"),
     }
+
+
+async def follows(core: Core, who: str, allowed: bool, within: float = 5.0) -> None:
+    """Until `core` lets `who` in (or not), failing after `within` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while await core.dispatcher.people.allowed(who) != allowed:
+        assert loop.time() < deadline, f"{who} not {'allowed' if allowed else 'denied'} within {within:g} s"
+        await asyncio.sleep(0.02)
+
+
+async def test_another_process_on_the_database_follows_allow_and_deny(
+    make_settings, core_factory, monkeypatch
+) -> None:
+    """Two cores on one database stand for two processes: an admin's /allow and /deny given to
+    one reach the other once its cached rules are older than RULES_FRESH_FOR."""
+    monkeypatch.setattr(people, "RULES_FRESH_FOR", 0.3)
+    settings = make_settings(tools=[], admins=["test:root"], allowed_users=["test:alice"])
+    first = await core_factory(settings, ScriptedEngine([]))
+    second = await core_factory(settings, ScriptedEngine(["Hello Bob."]))
+    # the second has read the rules (none) and holds them
+    assert (await say(second, "hi", user="bob")).startswith("Sorry, I only answer people")
+    assert await say(first, "/allow test:bob", user="root") == "test:bob may use me now."
+    assert await say(first, "/deny test:alice", user="root") == "test:alice may no longer use me."
+    await follows(second, "test:bob", True)
+    await follows(second, "test:alice", False)
+    assert await say(second, "hi", user="bob") == "Hello Bob."
+    assert (await say(second, "hi", user="alice")).startswith("Sorry, I only answer people")
 
 
 async def test_allow_lifts_a_deny_and_an_empty_allowlist_lets_everyone_in_but_the_denied(

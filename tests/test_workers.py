@@ -32,6 +32,7 @@ from tests.recording import RecordingAdapter
 from tests.scripted_engine import ScriptedEngine
 from tests.test_cli import env
 from tests.test_core import ask
+from tests.test_observe import samples
 from tests.waiting import until
 from yanray.storage import Database, crud
 
@@ -55,6 +56,8 @@ class Worker:
 
     process: asyncio.subprocess.Process
     hook: str
+    #: its own /healthz and /metrics (each process has its own listener, on its own port)
+    status: str
     log: list[str] = field(default_factory=list)
     reader: asyncio.Task[None] | None = None
 
@@ -77,7 +80,7 @@ async def workers(
     started: list[Worker] = []
     try:
         for index in range(count):
-            port = _free_port()
+            port, status_port = _free_port(), _free_port()
             hook = f"http://127.0.0.1:{port}/hook"
             environ = env(
                 tmp_path / f"worker{index}",
@@ -93,6 +96,7 @@ async def workers(
                 YANRAY_TOOLS="",
                 YANRAY_RATE_LIMIT_PER_MINUTE="0",
                 YANRAY_TELEGRAM_EDIT_INTERVAL="0.1",
+                YANRAY_HTTP_LISTEN=f"127.0.0.1:{status_port}",
                 **extra,
             )
             process = await asyncio.create_subprocess_exec(
@@ -106,7 +110,7 @@ async def workers(
                 env=environ,
                 cwd=tmp_path,
             )
-            worker = Worker(process, hook)
+            worker = Worker(process, hook, f"http://127.0.0.1:{status_port}")
             worker.reader = asyncio.create_task(worker.read_log())
             started.append(worker)
         for worker in started:
@@ -200,6 +204,15 @@ async def test_two_workers_answer_200_requests_each_exactly_once(tmp_path: Path,
             within=30,
             what="all 200 requests delivered",
         )
+        # each process counts what it answered itself: scraped one by one, they add up
+        done = []
+        for worker in (one, two):
+            async with http.get(f"{worker.status}/healthz") as response:
+                assert response.status == 200, await response.text()
+            async with http.get(f"{worker.status}/metrics") as response:
+                found = samples(await response.text())
+            done.append(found[("yanray_requests_total", (("status", "done"),))])
+        assert done == [100, 100]
     # each user sees exactly one message, their answer; the model was asked each question once
     assert {user: telegram.messages(user) for user in users} == {
         user: [f"answer to question {user}"] for user in users
