@@ -10,6 +10,9 @@ Parts named as in issue 9:
     previous turn's KV cache kept (warm) divided by without (cold) (`bench/warm_turns.py`);
 (b) aggregate decode tokens/s with 4 conversations at once divided by one at a time, and the
     per-stream slowdown (`bench/batching.py`);
+(join) a long prompt joining a decoding conversation, prefilled whole vs in pieces between
+    its steps: its longest wait between text pieces, and the joiner's time to first token
+    (`bench/joining.py`);
 (c) CPU decode of a ChatGLM3-6B-shaped INT8 model, in fp32, bf16 and what `YANRAY_DTYPE=auto`
     picks, as a fraction of the machine's read bandwidth measured in the same run
     (`bench/cpu_decode.py`);
@@ -258,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_module("warm_turns", "(a)")
     if "b" not in skip:
         bench_module("batching", "(b)")
+    if "join" not in skip:
+        bench_module("joining", "(join)")
     if "c" not in skip:
         bench_module("cpu_decode", "(c)", shape=args.c_shape)
     if "d" not in skip:
