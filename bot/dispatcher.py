@@ -96,8 +96,8 @@ TOOL_HELP = {
     "time": N_("a clock with time zones"),
     "plot": N_("graph plotting"),
 }
-#: how the tools in that line are joined (Chinese lists use 、)
-TOOLS_JOIN = N_(", ")
+#: how the tools in that line are joined, by language (Chinese lists use 、)
+TOOLS_JOIN = {"zh": "、"}
 #: what /help adds for YANRAY_ADMINS
 ADMIN_HELP = N_("""For my admins:
 /allow platform:id - let this person use me
@@ -111,7 +111,9 @@ def help_text(language: str, tools: Sequence[str]) -> str:
     text = tr.gettext(HELP)
     if not tools:
         return text
-    named = tr.gettext(TOOLS_JOIN).join(tr.gettext(TOOL_HELP[name]) for name in tools if name in TOOL_HELP)
+    named = TOOLS_JOIN.get(language, ", ").join(
+        tr.gettext(TOOL_HELP[name]) for name in tools if name in TOOL_HELP
+    )
     head, _, rest = text.partition("\n\n")
     return f"{head}\n{tr.gettext(TOOLS_HELP).format(tools=named)}\n\n{rest}"
 

@@ -88,7 +88,9 @@ class CountingSession(ScriptedSession):
 
 
 @pytest.mark.parametrize("free", [REPLY_ROOM + 200, REPLY_ROOM + 5])
-async def test_an_observation_never_overflows_the_context(free: int, caplog: pytest.LogCaptureFixture) -> None:
+async def test_an_observation_never_overflows_the_context(
+    free: int, caplog: pytest.LogCaptureFixture
+) -> None:
     engine = ScriptedEngine(["Let me read.\n/read a\n", "Read it."])
     question = ChatMessage("user", "x" * 1000)
     session = CountingSession(engine, [question])

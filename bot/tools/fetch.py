@@ -53,11 +53,13 @@ MAX_REDIRECTS = 5
 DEFAULT_MAX_BYTES = 2 * 2**20
 #: the observation's budget in estimated tokens (about 3,000 characters of English)
 OBSERVATION_TOKENS = 1500
-#: HTML handed to trafilatura, in bytes (or characters): its time grows about linearly, but
-#: hostile markup (a page of nothing but `<p>` tags) took about 20 µs a byte on the loaded
-#: dev machine (640 KB: 12.8 s), so 256 KB stays near 5 s, well inside the tool's limit,
-#: while an article's main text nearly always starts within its first 256 KB
-MAX_EXTRACT_BYTES = 256 * 1024
+#: HTML handed to trafilatura, in bytes (or characters). Its time grows about linearly, but
+#: hostile markup is slow: on the loaded 2-core dev machine 256 KB of bare `<p>` tags took
+#: 8.2 s alone and 10-14 s with two at once (128 KB: 4.1 s alone), of `<td>x` 4.1 s, of `<li>`
+#: 3.0 s. 128 KB keeps the worst near 4-7 s, so a page that waits behind two others in the
+#: pool still ends inside the tool's 35 s limit; most articles' text starts in their first
+#: 128 KB, and a longer page's observation says that only the start was read
+MAX_EXTRACT_BYTES = 128 * 1024
 #: threads that run trafilatura: its own small pool, so hostile pages wait their turn there
 #: instead of piling up threads or taking the default pool that other `to_thread` users share
 #: (a thread cannot be stopped; one running when the tool times out finishes its page)
@@ -224,7 +226,9 @@ async def _observation(url: str, kind: str, page: str | bytes, cut: bool, config
                 len(page),
                 MAX_EXTRACT_BYTES,
             )
-            page, cut = page[:MAX_EXTRACT_BYTES], True
+            # cut before the last tag that starts within the cap: no half tag read as text
+            end = page.rfind("<" if isinstance(page, str) else b"<", 0, MAX_EXTRACT_BYTES)  # type: ignore[arg-type]
+            page, cut = page[: end if end > 0 else MAX_EXTRACT_BYTES], True
         loop = asyncio.get_running_loop()
         title, text = await loop.run_in_executor(_extractor, extract_html, page, url)
         if not text:
@@ -233,11 +237,11 @@ async def _observation(url: str, kind: str, page: str | bytes, cut: bool, config
         text = page if isinstance(page, str) else page.decode("utf-8", errors="replace")
     lines = [f"Title: {_one_line(title)}"] if title else []
     lines.append(f"URL: {url}")
-    head = "\n".join(lines) + "\n\n"
-    body = text.strip()
     if cut:  # said first: the loop's cut to the token budget may take the end away
         read = min(config.max_bytes, MAX_EXTRACT_BYTES) if kind in _HTML_TYPES else config.max_bytes
-        head += f"[cut: the page is longer than {read:,} bytes; only the start was read]\n"
+        lines.append(f"[cut: the page is longer than {read:,} bytes; only the start was read]")
+    head = "\n".join(lines) + "\n\n"
+    body = text.strip()
     return head + body
 
 
