@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.model_fixtures import fixtures_dir
+from tests.model_fixtures import fixtures_dir, steer_chain, steered_chatglm3
 from tests.scripted_engine import ScriptedEngine, ScriptedSession
 from yanray.bot.toolloop import REPLY_ROOM, ToolLoop
 from yanray.bot.tools import Tool
 from yanray.bot.tools.budget import cut_to_tokens, estimate_tokens
-from yanray.engine.base import ChatMessage, GenerateOptions, ToolSpec
-from yanray.engine.chatglm3.tokenizer import ChatGLM3Tokenizer
+from yanray.engine.base import ChatMessage, EngineError, GenerateOptions, ToolSpec
+from yanray.engine.chatglm3.tokenizer import EOS, ChatGLM3Tokenizer
+from yanray.engine.local import LocalEngine
 
 ENGLISH = (
     "The Moon is Earth's only natural satellite. It orbits at an average distance of 384,400 km, "
@@ -127,3 +129,47 @@ async def test_a_tool_that_raises_is_a_one_line_observation_and_the_answer_goes_
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert record.getMessage() == "tool broken failed unexpectedly"
     assert record.exc_info is not None and "a bug" in str(record.exc_info[1])
+
+
+@pytest.fixture(scope="module")
+def calling_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ChatGLM3 (tests/model_fixtures.py) that answers every round with a `/read` call."""
+    tok = ChatGLM3Tokenizer(fixtures_dir() / "tokenizer.model")
+    ids = tok.encode_text("Let me read.\n/read a") + [EOS]
+    return steered_chatglm3(tmp_path_factory.mktemp("reading"), steer_chain(ids))
+
+
+@pytest.mark.parametrize("checked", [False, True])
+async def test_a_local_session_near_its_context_ends_cleanly(calling_folder: Path, checked: bool) -> None:
+    """Without the loop's check (as before), the observation went past the context and the next
+    round failed the whole answer; with it, the answer ends with what it has."""
+    probe = LocalEngine.load(calling_folder, device="cpu", dtype="float32", seed=1, kv_cache_gb=0)
+    session = await probe.start([ChatMessage("user", "read it")])
+    await session.generate(GenerateOptions(max_new_tokens=40))
+    after_round = session.tokens  # the prompt and the first round's call
+    await session.close()
+    await probe.aclose()
+
+    engine = LocalEngine.load(
+        calling_folder, device="cpu", dtype="float32", seed=1, kv_cache_gb=0, max_context=after_round + 80
+    )
+    try:
+        loop = ToolLoop(
+            tools={"read": tool("read", long_page)},
+            max_rounds=4,
+            max_context=engine.max_context if checked else 0,
+        )
+        session = await engine.start([ChatMessage("user", "read it")])
+        options = lambda: GenerateOptions(max_new_tokens=40)  # noqa: E731
+        if not checked:
+            with pytest.raises(EngineError, match="the model's context is"):
+                await loop.run(session, options=options)
+            return
+        result = await loop.run(session, options=options)
+        assert session.tokens <= engine.max_context
+        assert result.finish == "length" and result.visible.startswith("Let me read.")
+        observations = [r.observation for r in result.rounds if r.observation is not None]
+        assert observations[0].endswith("more characters not shown]")  # cut to the room there was
+        assert observations[-1] == "Error: no room was left in the conversation for the read tool's result."
+    finally:
+        await engine.aclose()
