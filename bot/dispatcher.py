@@ -34,7 +34,7 @@ import logging
 import re
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from yanray.bot.context import MIN_QUESTION_TOKENS
@@ -76,7 +76,7 @@ STOPPED = N_("Stopped.")
 REPLACED = N_("Replaced by your edited message.")
 
 HELP = N_("""I'm Yanray, a personal assistant running on a local language model. Just write to me.
-I remember our conversation and can use a calculator while answering.
+I remember our conversation.
 
 /reset - start a fresh conversation
 /stop - stop the current answer
@@ -86,11 +86,36 @@ I remember our conversation and can use a calculator while answering.
 /lang [en|zh|auto] - show or choose my language (auto: your app's)
 /good, /bad - rate my last answer (or react to it with 👍 or 👎)
 /share [on|off] - show or choose whether your chats may be exported to train my model""")
+#: the line /help adds under its first paragraph when tools are enabled (`help_text`)
+TOOLS_HELP = N_("While answering I can use: {tools}.")
+#: what each tool is, in a few words, for that line (in YANRAY_TOOLS order)
+TOOL_HELP = {
+    "calculate": N_("a calculator"),
+    "fetch": N_("a web page reader"),
+    "search": N_("web search"),
+    "time": N_("a clock with time zones"),
+    "plot": N_("graph plotting"),
+}
+#: how the tools in that line are joined, by language (Chinese lists use 、)
+TOOLS_JOIN = {"zh": "、"}
 #: what /help adds for YANRAY_ADMINS
 ADMIN_HELP = N_("""For my admins:
 /allow platform:id - let this person use me
 /deny platform:id - shut this person out
 /stats - queue, speed, memory and users""")
+
+
+def help_text(language: str, tools: Sequence[str]) -> str:
+    """What /help says in `language`, with a line naming the enabled `tools` (none: no line)."""
+    tr = translator(language)
+    text = tr.gettext(HELP)
+    if not tools:
+        return text
+    named = TOOLS_JOIN.get(language, ", ").join(
+        tr.gettext(TOOL_HELP[name]) for name in tools if name in TOOL_HELP
+    )
+    head, _, rest = text.partition("\n\n")
+    return f"{head}\n{tr.gettext(TOOLS_HELP).format(tools=named)}\n\n{rest}"
 
 
 def position_text(position: int, language: str = "en") -> str:
@@ -131,6 +156,10 @@ class Dispatcher:
         #: ratings, /share, and the admins' /allow and /deny
         self.people = People(settings=settings, db=db)
 
+    def tools(self) -> list[str]:
+        """The tools the model may call (those built, when tool rounds are allowed)."""
+        return list(self.worker.tools) if self.settings.tool_rounds > 0 else []
+
     async def handle(self, incoming: Incoming, out: ReplyStream) -> None:
         """Answer a command at once, or accept a question for the engine."""
         who = self._who(incoming)
@@ -159,9 +188,9 @@ class Dispatcher:
         match = _COMMAND.match(text)
         command = match.group(1).lower() if match else ""
         if command in ("start", "help"):
-            tr = translator(await self.language(incoming))
-            admin = f"\n\n{tr.gettext(ADMIN_HELP)}" if who in self.settings.admins else ""
-            await out.send(tr.gettext(HELP) + admin)
+            language = await self.language(incoming)
+            admin = f"\n\n{translator(language).gettext(ADMIN_HELP)}" if who in self.settings.admins else ""
+            await out.send(help_text(language, self.tools()) + admin)
             return
         if command in COMMAND_WORDS:
             argument = (match.group(2) or "").strip() if match else ""

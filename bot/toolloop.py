@@ -15,11 +15,18 @@ answered with an observation telling the model to answer without tools, and the 
 gets one more round to do so (a call in that round is not run, and not shown). An identical repeated call
 (same tool, same arguments) is answered from the first result without running again.
 
+Every observation is cut to the tool's `max_observation_tokens`, estimated (`tools/budget.py`),
+with a `[cut: ...]` note. A session that counts its tokens (the local engine's) is kept
+inside the model's context: the observation gets at most the room left less `REPLY_ROOM`,
+and with less than `MIN_OBSERVATION_TOKENS` left the observation is not appended and the
+answer ends there (finish "length": the user gets the text so far and a one-line note).
+
 What the user sees is the model's text with the tool-call lines taken out; every round
 and every tool result is kept in `rounds` for storage.
 
 For the metrics, `on_tool(tool, outcome)` hears of every call the model makes, with one
-outcome: ok, error (the tool said why), timeout, refused (argument too long), unknown (no
+outcome: ok, error (the tool said why, or failed unexpectedly: the model reads "Error: the
+X tool failed." and the log has the traceback), timeout, refused (argument too long), unknown (no
 such tool), cancelled, repeated (answered from the first identical call) or over_limit
 (past `max_rounds`); `on_round(tokens)` hears of every round's generated tokens.
 
@@ -50,6 +57,7 @@ from typing import Any
 
 from yanray.bot.errors import ToolError
 from yanray.bot.tools import Tool, ToolResult
+from yanray.bot.tools.budget import cut_to_tokens
 from yanray.bot.types import Image
 from yanray.engine.base import ChatMessage, EngineSession, GenerateOptions, Generation
 
@@ -57,6 +65,12 @@ logger = logging.getLogger(__name__)
 
 NO_MORE_TOOLS = "No more tool calls are allowed for this answer; answer with what you have."
 CANCEL_POLL_S = 0.05  # how often a running tool's caller looks at the cancel flag
+#: the observation budget of a name that is no tool (an error line)
+DEFAULT_OBSERVATION_TOKENS = 200
+#: tokens kept free after an observation: its block's markers and the model's next round
+REPLY_ROOM = 64
+#: an observation with less room than this is not appended: the answer ends there
+MIN_OBSERVATION_TOKENS = 16
 
 #: `on_visible`'s argument builds the visible text so far (see `ToolLoop.run`)
 VisibleCallback = Callable[[Callable[[], str]], None]
@@ -190,8 +204,11 @@ class ToolLoop:
         max_rounds: int,
         on_tool: Callable[[str, str], None] | None = None,
         on_round: Callable[[int], None] | None = None,
+        max_context: int = 0,
     ) -> None:
         self.tools = tools
+        #: the engine's context, for sessions that count their tokens (0: not checked)
+        self.max_context = max_context
         self.max_rounds = max_rounds
         self.on_tool = on_tool
         self.on_round = on_round
@@ -261,12 +278,31 @@ class ToolLoop:
                     cache[key] = observation
                     self._outcome(name, outcome)
                 calls += 1
+            budget = self._budget(name, session)
+            if budget < MIN_OBSERVATION_TOKENS:
+                # appending would overflow the model's context: the answer ends with what it has
+                logger.warning("no room left in the context for the %s tool's result; the answer ends", name)
+                observation = f"Error: no room was left in the conversation for the {name} tool's result."
+                self._record(result, shown, generation, name, observation, stored)
+                result.finish = "length"
+                break
+            observation = cut_to_tokens(observation, budget)
             self._record(result, shown, generation, name, observation, stored)
             await session.append(ChatMessage("observation", observation, name))
             if generation.finish == "cancelled" or opts.cancel.is_set():
                 break
         result.visible = "".join(shown).strip()
         return result
+
+    def _budget(self, name: str, session: EngineSession) -> int:
+        """Estimated tokens the observation may take: the tool's budget, or less when the
+        session (a local one counts its tokens) is near the model's context."""
+        tool = self.tools.get(name)
+        budget = tool.max_observation_tokens if tool is not None else DEFAULT_OBSERVATION_TOKENS
+        used = getattr(session, "tokens", None)
+        if self.max_context > 0 and isinstance(used, int):
+            budget = min(budget, self.max_context - used - REPLY_ROOM)
+        return budget
 
     def _outcome(self, name: str, outcome: str) -> None:
         if self.on_tool is not None:
@@ -372,6 +408,9 @@ class ToolLoop:
         except TimeoutError:
             logger.warning("tool %s timed out after %.1f s", name, tool.timeout)
             return f"Error: the {name} tool took longer than {tool.timeout:g} s.", "timeout"
+        except Exception:  # a bug in a tool costs that call, not the answer
+            logger.exception("tool %s failed unexpectedly", name)
+            return f"Error: the {name} tool failed.", "error"
         finally:
             if not task.done():
                 task.cancel()

@@ -205,6 +205,7 @@ class EngineWorker:
             max_rounds=settings.tool_rounds,
             on_tool=metrics.tool_called,
             on_round=metrics.tokens_generated,
+            max_context=engine.max_context,
         )
         self.adapters: dict[str, Adapter] = {}
         self.shown = ShownRecorder(db)

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAI
-from yanray.bot.dispatcher import HELP
+from yanray.bot.dispatcher import help_text
 from yanray.bot.errors import ConfigError
-from yanray.bot.i18n import translator
 from yanray.bot.settings import load_settings
 from yanray.storage import Database, StorageError
 
@@ -74,14 +73,16 @@ async def test_chat_through_a_pipe_answers_each_line_and_remembers(tmp_path: Pat
 
 
 async def test_chat_answers_in_the_operators_or_the_terminals_language(tmp_path: Path) -> None:
-    zh_help = translator("zh").gettext(HELP)
+    # YANRAY_TOOLS is the default, the calculator: /help says so
+    zh_help, en_help = help_text("zh", ["calculate"]), help_text("en", ["calculate"])
+    assert "While answering I can use: a calculator." in en_help and "回答时我可以使用：计算器。" in zh_help
     async with FakeOpenAI(replies=[]) as fake:
         environ = env(tmp_path, YANRAY_ENGINE="openai", YANRAY_OPENAI_BASE_URL=fake.base_url)
         code, out, err = await yanray(["chat"], {**environ, "YANRAY_LANGUAGE": "zh"}, "/help\n", cwd=tmp_path)
         assert code == 0, err
         assert out == f"{zh_help}\n\n" and out.startswith("我是 Yanray")
         code, out, err = await yanray(["chat"], environ, "/help\n", cwd=tmp_path)
-        assert (code, out) == (0, f"{HELP}\n\n"), err
+        assert (code, out) == (0, f"{en_help}\n\n"), err
         code, out, err = await yanray(["chat"], {**environ, "LANG": "zh_CN.UTF-8"}, "/help\n", cwd=tmp_path)
         assert (code, out) == (0, f"{zh_help}\n\n"), err
         # /lang en outlasts the process, and beats the terminal's language
@@ -90,7 +91,7 @@ async def test_chat_answers_in_the_operators_or_the_terminals_language(tmp_path:
         )
         assert (code, out) == (0, "From now on I write in English here.\n\n"), err
         code, out, err = await yanray(["chat"], {**environ, "LANG": "zh_CN.UTF-8"}, "/help\n", cwd=tmp_path)
-        assert (code, out) == (0, f"{HELP}\n\n"), err
+        assert (code, out) == (0, f"{en_help}\n\n"), err
 
 
 async def test_chat_with_an_unreachable_engine_says_so_in_one_line(tmp_path: Path) -> None:

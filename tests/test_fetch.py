@@ -13,6 +13,8 @@ import gzip
 import io
 import logging
 import socket
+import threading
+import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,7 +30,17 @@ from yanray.bot.errors import ConfigError, ToolError
 from yanray.bot.settings import Settings, load_settings
 from yanray.bot.toolloop import ToolLoop
 from yanray.bot.tools.addresses import AddressRefused, AddressRules, check_url
-from yanray.bot.tools.fetch import FetchConfig, _socket_guard, fetch_config, fetch_page, fetch_tool
+from yanray.bot.tools.budget import cut_to_tokens, estimate_tokens
+from yanray.bot.tools.fetch import (
+    EXTRACT_THREADS,
+    MAX_EXTRACT_BYTES,
+    OBSERVATION_TOKENS,
+    FetchConfig,
+    _socket_guard,
+    fetch_config,
+    fetch_page,
+    fetch_tool,
+)
 from yanray.engine.base import GenerateOptions, Generation, ToolCall
 
 PAGE = """<!DOCTYPE html>
@@ -80,6 +92,7 @@ class Server:
             web.get("/gbk", self.gbk),
             web.get("/cookie", self.cookie),
             web.get("/echo", self.echo),
+            web.get("/paragraphs", self.paragraphs),
         ]
         self.app.add_routes(routes)
 
@@ -101,6 +114,10 @@ class Server:
 
     async def big(self, request: web.Request) -> web.Response:
         return web.Response(text="x" * (3 * 2**20), content_type="text/plain")
+
+    async def paragraphs(self, request: web.Request) -> web.Response:
+        """Hostile HTML: 1.5 MB of bare `<p>` tags, the slowest markup for trafilatura found."""
+        return web.Response(text="<html><body>" + "<p>" * 500_000, content_type="text/html")
 
     async def slow(self, request: web.Request) -> web.StreamResponse:
         self.slow_started.set()
@@ -192,16 +209,16 @@ async def test_json_passes_through(server: Server) -> None:
 
 
 async def test_a_long_body_is_cut_at_the_size_cap_and_the_observation_at_its_budget(server: Server) -> None:
-    text = await fetch_page(server.url("/big"), allowed(server, max_bytes=100_000, max_chars=2000))
-    assert len(text) < 2100
-    assert text.endswith("more characters not shown]")
-    shown, _, note = text.partition("\n\n")[2].rpartition("\n")
-    more = int(note.removeprefix("[cut: ").split()[0].replace(",", ""))
-    assert shown == "x" * len(shown) and len(shown) + more == 100_000  # read up to the cap, no further
+    text = await fetch_page(server.url("/big"), allowed(server, max_bytes=100_000))
+    head, _, body = text.partition("\n\n")
+    assert head.endswith("\n[cut: the page is longer than 100,000 bytes; only the start was read]")
+    assert body == "x" * 100_000  # read up to the cap, no further
+    seen = cut_to_tokens(text, OBSERVATION_TOKENS)  # what the tool loop hands the model
+    assert estimate_tokens(seen) <= OBSERVATION_TOKENS and seen.endswith("more characters not shown]")
 
 
 async def test_a_gzip_bomb_is_cut_at_the_decompressed_cap(server: Server) -> None:
-    config = allowed(server, max_bytes=1_000_000, max_chars=10**7)
+    config = allowed(server, max_bytes=1_000_000)
     bomb()  # made before measuring
     tracemalloc.start()
     try:
@@ -211,10 +228,9 @@ async def test_a_gzip_bomb_is_cut_at_the_decompressed_cap(server: Server) -> Non
         tracemalloc.stop()
     # inflated in bounded steps: a few copies of the 1 MB read, never the 64 MB body
     assert peak < 16 * 2**20, f"{peak:,} bytes"
-    body = text.split("\n\n", 1)[1]
-    assert body.startswith("A" * 1000)
-    assert body.count("A") == 1_000_000
-    assert body.endswith("[cut: the page is longer than 1,000,000 bytes; only the start was read]")
+    head, body = text.split("\n\n", 1)
+    assert body == "A" * 1_000_000
+    assert head.endswith("[cut: the page is longer than 1,000,000 bytes; only the start was read]")
 
 
 async def test_a_slow_server_times_out(server: Server) -> None:
@@ -331,6 +347,46 @@ async def test_a_native_chatglm3_fetch_call_gets_the_page(server: Server) -> Non
     assert observation.role == "observation" and observation.name == "fetch"
     assert observation.content.startswith("Title: The Moon\n") and "Theia" in observation.content
     assert result.visible == "It formed 4.5 billion years ago."
+
+
+async def test_hostile_html_is_a_one_line_observation_in_time_on_a_bounded_pool(server: Server) -> None:
+    """Three fetches of 1.5 MB of `<p>` at once: each is extracted from at most MAX_EXTRACT_BYTES
+    (uncapped, each takes over 30 s on a loaded machine), no more than EXTRACT_THREADS threads
+    extract, and the default thread pool stays free for everything else."""
+    tool = fetch_tool(allowed(server))
+    url = server.url("/paragraphs")
+    busy: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:  # the threads extracting, seen every 10 ms
+        while not done.wait(0.01):
+            busy.update(t.name for t in threading.enumerate() if t.name.startswith("yanray-extract"))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    engines = [ScriptedEngine([f"/fetch {url}\n", "No text there."]) for _ in range(3)]
+    loop = ToolLoop(tools={"fetch": tool}, max_rounds=1)
+    started = time.monotonic()
+    try:
+        runs = [
+            asyncio.create_task(loop.run(await engine.start([]), options=GenerateOptions))
+            for engine in engines
+        ]
+        await asyncio.sleep(0.5)  # the extraction has begun: other to_thread users are not kept waiting
+        begun = time.monotonic()
+        await asyncio.to_thread(time.sleep, 0)
+        assert time.monotonic() - begun < 1.0
+        results = await asyncio.gather(*runs)
+    finally:
+        done.set()
+        watcher.join()
+    assert time.monotonic() - started < tool.timeout
+    for result in results:
+        (observation,) = [r.observation for r in result.rounds if r.observation is not None]
+        assert observation == f"Error: fetch found no readable text at {url}"
+        assert result.visible == "No text there."
+    assert 1 <= len(busy) <= EXTRACT_THREADS, busy
+    assert MAX_EXTRACT_BYTES < 1_500_000
 
 
 class NamesResolver:

@@ -167,6 +167,42 @@ async def say(core: Core, text: str, **kw: Any) -> str | None:
     return await out.wait()
 
 
+@pytest.mark.parametrize(
+    ("settings", "english", "chinese"),
+    [
+        ({"tools": []}, None, None),
+        ({"tools": ["calculate"]}, "While answering I can use: a calculator.", "回答时我可以使用：计算器。"),
+        (
+            {"tools": ["time", "fetch", "search", "plot"], "searxng_url": "http://searxng:8080"},
+            "While answering I can use: a clock with time zones, a web page reader, web search, graph plotting.",
+            "回答时我可以使用：带时区的时钟、网页阅读、网页搜索、函数作图。",
+        ),
+        # search without a SearxNG is left out, and no tool rounds means no tools at all
+        (
+            {"tools": ["search", "calculate"]},
+            "While answering I can use: a calculator.",
+            "回答时我可以使用：计算器。",
+        ),
+        ({"tools": ["calculate"], "tool_rounds": 0}, None, None),
+    ],
+)
+async def test_help_names_the_tools_that_are_enabled(
+    make_settings: Any, core_factory: Any, settings: dict[str, Any], english: str | None, chinese: str | None
+) -> None:
+    core = await core_factory(make_settings(**settings), ScriptedEngine([]))
+    for language, line, mine in (
+        ("en", english, "I remember our conversation."),
+        ("zh-hans", chinese, "我会记住我们的对话。"),
+    ):
+        text = await say(core, "/help", language=language)
+        assert text is not None
+        intro, commands = text.split("\n\n", 1)
+        assert intro.split("\n")[1:] == [mine] + ([line] if line else [])
+        assert commands.startswith("/reset")
+        if line is None:
+            assert "calculator" not in text and "计算器" not in text and "use:" not in text
+
+
 async def test_lang_is_stored_with_the_conversation_and_survives_a_restart(
     make_settings: Any, core_factory: Any
 ) -> None:

@@ -15,7 +15,7 @@ from tests.scripted_engine import ScriptedEngine
 from yanray.adapters.console import ConsoleAdapter
 from yanray.bot import people
 from yanray.bot.app import Core
-from yanray.bot.dispatcher import ADMIN_HELP, HELP
+from yanray.bot.dispatcher import ADMIN_HELP, help_text
 from yanray.bot.i18n import translator
 from yanray.bot.people import SHARE_MEANS, thumb
 from yanray.bot.types import Incoming
@@ -240,10 +240,11 @@ async def test_help_names_ratings_and_share_and_the_admin_commands_for_admins(
         hint = "zh-hans" if language == "zh" else None
         tr = translator(language)
         everyone = await say(core, "/help", user="alice", language=hint)
-        assert everyone == tr.gettext(HELP)
+        assert everyone == help_text(language, ["calculate"])  # YANRAY_TOOLS: the calculator
+        assert ("a calculator" if language == "en" else "计算器") in everyone
         assert all(f"/{word}" in everyone for word in ("good", "bad", "share"))
         assert "/allow" not in everyone and "/stats" not in everyone
         admin = await say(core, "/help", user="root", language=hint)
-        assert admin == f"{tr.gettext(HELP)}\n\n{tr.gettext(ADMIN_HELP)}"
+        assert admin == f"{everyone}\n\n{tr.gettext(ADMIN_HELP)}"
         assert all(f"/{word}" in admin for word in ("allow", "deny", "stats"))
     assert translator("zh").gettext(ADMIN_HELP) != ADMIN_HELP

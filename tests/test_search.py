@@ -15,7 +15,8 @@ from yanray.bot.errors import ToolError
 from yanray.bot.settings import Settings
 from yanray.bot.toolloop import ToolLoop
 from yanray.bot.tools import build_tools
-from yanray.bot.tools.search import BUDGET_CHARS, MAX_RESPONSE_BYTES, Searcher, search_tool
+from yanray.bot.tools.budget import cut_to_tokens, estimate_tokens
+from yanray.bot.tools.search import MAX_RESPONSE_BYTES, OBSERVATION_TOKENS, Searcher, search_tool
 from yanray.engine.base import ChatMessage, GenerateOptions
 
 RESULTS = {
@@ -75,10 +76,12 @@ async def test_many_results_are_the_top_five_within_the_budget() -> None:
     }
     async with FakeSearxng(many) as fake:
         text = await run(fake.base_url, "q")
-    assert text.startswith("1. t0") and "6. " not in text
-    # five results of about 400 characters each pass the budget: cut, and the model is told
-    body, _, note = text.rpartition("\n")
-    assert len(body) <= BUDGET_CHARS and note == f"[cut to {BUDGET_CHARS} characters]"
+    assert text.startswith("1. t0") and "6. " not in text and "5. t4" in text
+    # five results of about 450 characters each pass the budget: the tool loop cuts them, saying so
+    seen = cut_to_tokens(text, OBSERVATION_TOKENS)
+    body, _, note = seen.rpartition("\n")
+    assert text.startswith(body) and note == f"[cut: {len(text) - len(body):,} more characters not shown]"
+    assert estimate_tokens(seen) <= OBSERVATION_TOKENS < estimate_tokens(text)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,9 @@ models with a native tool format (ChatGLM3), and an async handler that takes the
 call's arguments and returns text, or a `ToolResult`: text plus images for the user (the
 plot), which the tool loop has shown to the user before the model reads on. A handler raises `ToolError` for bad input; its
 message goes back to the model as the observation. A call whose argument is longer than
-`max_argument_chars` never reaches the handler (the tool loop refuses it). Tools only ever run on model
+`max_argument_chars` never reaches the handler (the tool loop refuses it). A handler returns
+its whole text: the tool loop cuts every observation to the tool's `max_observation_tokens`
+(`budget`), saying so. Tools only ever run on model
 output, never on text a user typed.
 """
 
@@ -51,6 +53,8 @@ class Tool:
     timeout: float = 10.0
     #: longest argument accepted; a longer call is refused before the tool parses anything
     max_argument_chars: int = 2000
+    #: most estimated tokens the model reads of the tool's text (`budget`; the loop cuts it)
+    max_observation_tokens: int = 1000
     #: the slash dialect also accepts the command alone (`/time`): the handler gets no argument
     argument_optional: bool = False
     #: releases what the tool holds (the calculator's worker process); called at shut-down

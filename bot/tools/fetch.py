@@ -16,8 +16,10 @@ The model's URL is untrusted, so the tool is SSRF-safe by construction (the rule
 Responses: only text, HTML, JSON and XML content types; the body is read in chunks after
 decompression and reading stops at `max_bytes` (a small gzip body that inflates past it is
 cut there); connect and read timeouts. HTML goes through trafilatura (title plus main text,
-no scripts, styles or navigation), off the event loop; JSON and other text pass through.
-The observation is cut to `max_chars` and says so. A refused or failed fetch raises
+no scripts, styles or navigation), at most `MAX_EXTRACT_BYTES` of it, off the event loop on
+a pool of its own (`EXTRACT_THREADS`); JSON and other text pass through.
+The tool loop cuts the observation to `OBSERVATION_TOKENS` (`budget`) and says so; a body cut at
+`max_bytes` says so here. A refused or failed fetch raises
 `ToolError` with one line saying why.
 """
 
@@ -29,6 +31,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
@@ -48,7 +51,20 @@ logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 DEFAULT_MAX_BYTES = 2 * 2**20
-DEFAULT_MAX_CHARS = 6000  # about 1500-2000 tokens of English
+#: the observation's budget in estimated tokens (about 3,000 characters of English)
+OBSERVATION_TOKENS = 1500
+#: HTML handed to trafilatura, in bytes (or characters). Its time grows about linearly, but
+#: hostile markup is slow: on the loaded 2-core dev machine 256 KB of bare `<p>` tags took
+#: 8.2 s alone and 10-14 s with two at once (128 KB: 4.1 s alone), of `<td>x` 4.1 s, of `<li>`
+#: 3.0 s. 128 KB keeps the worst near 4-7 s, so a page that waits behind two others in the
+#: pool still ends inside the tool's 35 s limit; most articles' text starts in their first
+#: 128 KB, and a longer page's observation says that only the start was read
+MAX_EXTRACT_BYTES = 128 * 1024
+#: threads that run trafilatura: its own small pool, so hostile pages wait their turn there
+#: instead of piling up threads or taking the default pool that other `to_thread` users share
+#: (a thread cannot be stopped; one running when the tool times out finishes its page)
+EXTRACT_THREADS = 2
+_extractor = ThreadPoolExecutor(max_workers=EXTRACT_THREADS, thread_name_prefix="yanray-extract")
 _CHUNK = 64 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _TEXT_TYPES = frozenset({"application/json", "application/xml", "application/xhtml+xml"})
@@ -60,7 +76,6 @@ USER_AGENT = "Yanray-fetch/1.0 (a chat bot's page reader)"
 class FetchConfig:
     rules: AddressRules = field(default_factory=AddressRules)
     max_bytes: int = DEFAULT_MAX_BYTES
-    max_chars: int = DEFAULT_MAX_CHARS
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
 
@@ -204,20 +219,29 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> tuple[by
 async def _observation(url: str, kind: str, page: str | bytes, cut: bool, config: FetchConfig) -> str:
     title = ""
     if kind in _HTML_TYPES:
-        title, text = await asyncio.to_thread(extract_html, page, url)
+        if len(page) > MAX_EXTRACT_BYTES:
+            logger.info(
+                "fetch: %s has %d bytes of HTML; extracting from the first %d",
+                url,
+                len(page),
+                MAX_EXTRACT_BYTES,
+            )
+            # cut before the last tag that starts within the cap: no half tag read as text
+            end = page.rfind("<" if isinstance(page, str) else b"<", 0, MAX_EXTRACT_BYTES)  # type: ignore[arg-type]
+            page, cut = page[: end if end > 0 else MAX_EXTRACT_BYTES], True
+        loop = asyncio.get_running_loop()
+        title, text = await loop.run_in_executor(_extractor, extract_html, page, url)
         if not text:
             raise ToolError(f"fetch found no readable text at {url}")
     else:
         text = page if isinstance(page, str) else page.decode("utf-8", errors="replace")
     lines = [f"Title: {_one_line(title)}"] if title else []
     lines.append(f"URL: {url}")
+    if cut:  # said first: the loop's cut to the token budget may take the end away
+        read = min(config.max_bytes, MAX_EXTRACT_BYTES) if kind in _HTML_TYPES else config.max_bytes
+        lines.append(f"[cut: the page is longer than {read:,} bytes; only the start was read]")
     head = "\n".join(lines) + "\n\n"
-    room = max(config.max_chars - len(head), 0)
     body = text.strip()
-    if len(body) > room:
-        body = body[:room] + f"\n[cut: {len(text.strip()) - room:,} more characters not shown]"
-    elif cut:
-        body += f"\n[cut: the page is longer than {config.max_bytes:,} bytes; only the start was read]"
     return head + body
 
 
@@ -262,4 +286,11 @@ def fetch_tool(config: FetchConfig | None = None) -> Tool:
         usage="/fetch <url>",
     )
     timeout = settings.connect_timeout + settings.read_timeout * 2 + 10.0
-    return Tool(spec=spec, handler=handler, slash_argument="url", timeout=timeout, max_argument_chars=2000)
+    return Tool(
+        spec=spec,
+        handler=handler,
+        slash_argument="url",
+        timeout=timeout,
+        max_argument_chars=2000,
+        max_observation_tokens=OBSERVATION_TOKENS,
+    )

@@ -9,8 +9,8 @@ which percent-encodes it, so it can never change the path, host or other paramet
 The request: `GET {url}/search?q=...&format=json`, with connect and total timeouts, no
 cookies and no proxy from the environment. The body is read up to `MAX_RESPONSE_BYTES`
 (decompressed) before any JSON parsing; a larger answer is refused. The observation is
-the top `results` results, each title, URL and snippet cut to a bound, the whole cut to
-`BUDGET_CHARS` with a note saying so. Every failure is one line. SearxNG answers 403
+the top `results` results, each title, URL and snippet cut to a bound; the tool loop cuts
+the whole to `OBSERVATION_TOKENS` (`budget`) with a note saying so. Every failure is one line. SearxNG answers 403
 when its `settings.yml` does not list `json` under `search.formats`; the log says so.
 """
 
@@ -36,8 +36,8 @@ RESULTS = 5
 TITLE_CHARS = 120
 URL_CHARS = 300
 SNIPPET_CHARS = 300
-#: the whole observation, about 500 tokens of English
-BUDGET_CHARS = 2000
+#: the whole observation's budget in estimated tokens (about 1,200 characters of English)
+OBSERVATION_TOKENS = 600
 CONNECT_TIMEOUT = 5.0
 TIMEOUT = 15.0  # the tool's limit; the HTTP request's own is a little shorter
 REQUEST_TIMEOUT = 12.0
@@ -71,10 +71,7 @@ def format_results(query: str, payload: Any, *, results: int = RESULTS) -> str:
         lines.append(entry)
     if not lines:
         return f"No results for {_clean(query, 100)!r}."
-    text = "\n".join(lines)
-    if len(text) > BUDGET_CHARS:
-        text = text[:BUDGET_CHARS].rstrip() + f"\n[cut to {BUDGET_CHARS} characters]"
-    return text
+    return "\n".join(lines)
 
 
 class Searcher:
@@ -160,4 +157,5 @@ def search_tool(base_url: str, *, results: int = RESULTS) -> Tool:
         slash_argument="query",
         timeout=TIMEOUT,
         max_argument_chars=MAX_QUERY_CHARS,
+        max_observation_tokens=OBSERVATION_TOKENS,
     )
