@@ -17,6 +17,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from tests.hooks import ForwardCalls
 from tests.model_fixtures import fixtures_dir, steer_chain, steered_chatglm3
 from tests.recording import RecordingStream
 from tests.scripted_engine import ScriptedEngine
@@ -37,22 +38,6 @@ QUESTIONS = [
     "Why is the sky blue? Explain it to a child, please.",
 ]
 OBSERVATION = ChatMessage("observation", '{"result": 42}', name="calculate")
-
-
-class Rows:
-    """The batch sizes of the model's decode steps (one-token forward calls)."""
-
-    def __init__(self, model: Any) -> None:
-        self.seen: list[int] = []
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        ids = kwargs["input_ids"]
-        if ids.shape[1] == 1:
-            self.seen.append(int(ids.shape[0]))
-
-    def close(self) -> None:
-        self._handle.remove()
 
 
 def _load(folder: Path, max_batch: int) -> Iterator[LocalEngine]:
@@ -114,7 +99,7 @@ async def test_four_conversations_at_once_write_what_each_writes_alone(
     solo_engine: LocalEngine, batch_engine: LocalEngine
 ) -> None:
     alone = [await _conversation(solo_engine, i) for i in range(4)]
-    rows = Rows(batch_engine.model)
+    rows = ForwardCalls(batch_engine.model)
     try:
         first = asyncio.Event()  # the others join while the first is decoding
         leader = asyncio.ensure_future(_conversation(batch_engine, 0, started=first))
@@ -124,7 +109,7 @@ async def test_four_conversations_at_once_write_what_each_writes_alone(
     finally:
         rows.close()
     assert together == alone
-    assert max(rows.seen) == 4 and 1 in rows.seen  # really decoded together, and the tail alone
+    assert max(rows.decode_rows) == 4 and 1 in rows.decode_rows  # really decoded together, and the tail alone
     assert all(len(r) == 24 for c in alone for r in c)  # nobody stopped early: the comparison covers 24 ids
 
 
@@ -138,20 +123,6 @@ async def test_a_cancelled_conversation_leaves_without_disturbing_the_others(
     cut = together[2][0]
     assert 5 <= len(cut) < 40 and cut == alone[2][0][: len(cut)]
     assert [together[i] for i in (0, 1, 3)] == [alone[i] for i in (0, 1, 3)]
-
-
-class Calls:
-    """Every forward call of the model: (rows, tokens per row)."""
-
-    def __init__(self, model: Any) -> None:
-        self.seen: list[tuple[int, int]] = []
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        self.seen.append(tuple(kwargs["input_ids"].shape))
-
-    def close(self) -> None:
-        self._handle.remove()
 
 
 async def _reply(
@@ -177,7 +148,7 @@ async def test_a_long_prompt_joins_in_pieces_between_the_others_steps(
     long_question = "Please summarise this: " + "the cat sat on the warm mat by the door. " * 12
     alone = [await _reply(solo_engine, QUESTIONS[1], 60), await _reply(solo_engine, long_question, 8)]
     batch_engine.join_chunk = 8
-    calls = Calls(batch_engine.model)
+    calls = ForwardCalls(batch_engine.model)
     try:
         running = asyncio.Event()
         first = asyncio.ensure_future(_reply(batch_engine, QUESTIONS[1], 60, running))
@@ -307,25 +278,25 @@ async def test_four_conversations_through_the_worker(
     solo = next(_load(random_folder, 1))
     core = await core_factory(settings, solo)
     assert core.worker.slots == 1
-    rows = Rows(solo.model)
+    rows = ForwardCalls(solo.model)
     alone = []
     for user, question in zip(["a1", "a2", "a3", "a4"], QUESTIONS, strict=True):
         out = RecordingStream(user)
         await core.dispatcher.handle(msg(question, user=user), out)
         alone.append(await out.wait(60))
     rows.close()
-    assert set(rows.seen) == {1}  # MAX_BATCH=1: one at a time, as before
+    assert set(rows.decode_rows) == {1}  # MAX_BATCH=1: one at a time, as before
     await core.aclose()
 
     batched = next(_load(random_folder, 4))
     core = await core_factory(make_settings(tools=[], max_new_tokens=300), batched)
     assert core.worker.slots == 4  # unset: what the engine batches (4 on the CPU)
-    rows = Rows(batched.model)
+    rows = ForwardCalls(batched.model)
     outs = await _ask_all(core, ["b1", "b2", "b3", "b4"], stop="b2")
     answers = [await out.wait(60) for out in outs]
     await core.wait_idle()
     rows.close()
-    assert max(rows.seen) == 4
+    assert max(rows.decode_rows) == 4
     assert [answers[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
     stopped = answers[1]
     assert stopped is not None and stopped.endswith("\n\n[Stopped.]")
@@ -359,12 +330,12 @@ async def test_four_conversations_with_tool_rounds_through_the_worker(
 
     batched = next(_load(calling_folder, 4))
     core = await core_factory(make_settings(tools=["calculate"], tool_rounds=2, max_new_tokens=40), batched)
-    rows = Rows(batched.model)
+    rows = ForwardCalls(batched.model)
     outs = await _ask_all(core, ["b1", "b2", "b3", "b4"], stop="b2")
     answers = [await out.wait(60) for out in outs]
     await core.wait_idle()
     rows.close()
-    assert max(rows.seen) > 1  # the rounds really decoded together
+    assert max(rows.decode_rows) > 1  # the rounds really decoded together
     assert [answers[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
     stopped = answers[1]
     assert stopped is not None and stopped.endswith("\n\n[Stopped.]")

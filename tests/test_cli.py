@@ -29,16 +29,18 @@ def env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 async def spawn(
-    args: list[str], environ: dict[str, str], cwd: Path | None = None
+    args: list[str], environ: dict[str, str], cwd: Path | None = None, *, pipe_in_out: bool = True
 ) -> asyncio.subprocess.Process:
-    """`yanray ARGS` as a process with pipes for its standard streams."""
+    """`yanray ARGS` as a process with pipes for its standard streams (without `pipe_in_out`,
+    stderr alone: a long-running process whose stdout nobody reads must not fill a pipe)."""
+    in_out = asyncio.subprocess.PIPE if pipe_in_out else asyncio.subprocess.DEVNULL
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "yanray.bot.cli",
         *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+        stdin=in_out,
+        stdout=in_out,
         stderr=asyncio.subprocess.PIPE,
         env=environ,
         cwd=cwd,

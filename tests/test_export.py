@@ -52,15 +52,15 @@ async def ask(
     db: Database,
     built: Built,
     name: str,
-    *,
     conversation: tuple[str, str, str],
     who: str,
     question: str,
-    rounds: Sequence[tuple[str, str, str]] = (),
-    status: str = "done",
+    answered: Sequence[tuple[str, str, str]] | str,
 ) -> None:
-    """One question and its answer rounds ((role, text, tool_name)), stored as the worker does."""
+    """One question and its answer rounds ((role, text, tool_name)), or the status of a
+    question left without an answer, stored as the worker does."""
     platform, chat_id, user_key = conversation
+    rounds, status = ((), answered) if isinstance(answered, str) else (answered, "done")
     async with db.transaction() as session:
         conv, user = await crud.get_or_create_conversation(
             session=session,
@@ -108,126 +108,75 @@ async def share(db: Database, platform: str, who: str) -> None:
         session.add(ShareConsent(platform=platform, user_id=who))
 
 
+ALICE_CHAT = ("telegram", ALICE, ALICE)
+GROUP_CHAT = ("telegram", "-1001", "")
+OTHER_GROUP = ("telegram", "-1002", "")
+DAVE_CHAT = ("telegram", DAVE, DAVE)
+
+
+def answer(text: str) -> list[tuple[str, str, str]]:
+    return [("assistant", text, "")]
+
+
+# `ask`'s arguments: name, conversation, who, question, and its answer rounds or the status
+# of a question left without an answer
+QUESTIONS: list[tuple[str, tuple[str, str, str], str, str, Sequence[tuple[str, str, str]] | str]] = [
+    (
+        "hello",
+        ALICE_CHAT,
+        ALICE,
+        "Hi, I am Alice: alice.smith@example.com, +1 (555) 123-4567.",
+        answer("Hello Alice!"),
+    ),
+    ("cancelled", ALICE_CHAT, ALICE, "Never mind", "cancelled"),
+    (
+        "slash",
+        ALICE_CHAT,
+        ALICE,
+        "What is 6.5*7.5?",
+        [
+            ("assistant", "Let me compute.\n/calculate 6.5*7.5\n", ""),
+            ("tool", "48.75", "calculate"),
+            ("assistant", "6.5 × 7.5 = 48.75.", ""),
+        ],
+    ),
+    ("disliked", ALICE_CHAT, ALICE, "Tell me a joke", answer("No.")),
+    (
+        "native",
+        ALICE_CHAT,
+        ALICE,
+        "And 2+2?",
+        [
+            ("assistant", "I will use the calculator.", ""),
+            ("assistant", tool_call_content({"expression": "2+2"}), "calculate"),
+            ("tool", "4", "calculate"),
+            ("assistant", "2 + 2 = 4.", ""),
+        ],
+    ),
+    ("trailing", ALICE_CHAT, ALICE, "Bye?", "queued"),
+    ("bob", ("discord", BOB, BOB), BOB, "I am Bob and I did not agree", answer("Hi Bob.")),
+    ("group1", GROUP_CHAT, CAROL, "Carol here, my number is 13800138000", answer("Hi Carol.")),
+    ("group2", GROUP_CHAT, ALICE, "Alice too", "queued"),
+    ("group3", GROUP_CHAT, CAROL, "What's up?", answer("Not much.")),
+    ("mixed1", OTHER_GROUP, CAROL, "Hello everyone", answer("Hello!")),
+    ("mixed2", OTHER_GROUP, BOB, "Bob here", "cancelled"),
+    ("old", DAVE_CHAT, DAVE, "Old topic", answer("Old.")),
+]
+
+
 async def build_database(url: str) -> Built:
-    """Alice and Carol said /share on, Bob did not, Dave is an admin."""
+    """Alice and Carol said /share on, Bob did not, Dave is an admin, and said /reset after
+    his first question."""
     db = await Database.open(url)
     built = Built()
-    alice = ("telegram", ALICE, ALICE)
     try:
-        await ask(
-            db,
-            built,
-            "hello",
-            conversation=alice,
-            who=ALICE,
-            question="Hi, I am Alice: alice.smith@example.com, +1 (555) 123-4567.",
-            rounds=[("assistant", "Hello Alice!", "")],
-        )
-        await ask(
-            db, built, "cancelled", conversation=alice, who=ALICE, question="Never mind", status="cancelled"
-        )
-        await ask(
-            db,
-            built,
-            "slash",
-            conversation=alice,
-            who=ALICE,
-            question="What is 6.5*7.5?",
-            rounds=[
-                ("assistant", "Let me compute.\n/calculate 6.5*7.5\n", ""),
-                ("tool", "48.75", "calculate"),
-                ("assistant", "6.5 × 7.5 = 48.75.", ""),
-            ],
-        )
-        await ask(
-            db,
-            built,
-            "disliked",
-            conversation=alice,
-            who=ALICE,
-            question="Tell me a joke",
-            rounds=[("assistant", "No.", "")],
-        )
-        await ask(
-            db,
-            built,
-            "native",
-            conversation=alice,
-            who=ALICE,
-            question="And 2+2?",
-            rounds=[
-                ("assistant", "I will use the calculator.", ""),
-                ("assistant", tool_call_content({"expression": "2+2"}), "calculate"),
-                ("tool", "4", "calculate"),
-                ("assistant", "2 + 2 = 4.", ""),
-            ],
-        )
-        await ask(db, built, "trailing", conversation=alice, who=ALICE, question="Bye?", status="queued")
-        await ask(
-            db,
-            built,
-            "bob",
-            conversation=("discord", BOB, BOB),
-            who=BOB,
-            question="I am Bob and I did not agree",
-            rounds=[("assistant", "Hi Bob.", "")],
-        )
-        group = ("telegram", "-1001", "")
-        await ask(
-            db,
-            built,
-            "group1",
-            conversation=group,
-            who=CAROL,
-            question="Carol here, my number is 13800138000",
-            rounds=[("assistant", "Hi Carol.", "")],
-        )
-        await ask(db, built, "group2", conversation=group, who=ALICE, question="Alice too", status="queued")
-        await ask(
-            db,
-            built,
-            "group3",
-            conversation=group,
-            who=CAROL,
-            question="What's up?",
-            rounds=[("assistant", "Not much.", "")],
-        )
-        other_group = ("telegram", "-1002", "")
-        await ask(
-            db,
-            built,
-            "mixed1",
-            conversation=other_group,
-            who=CAROL,
-            question="Hello everyone",
-            rounds=[("assistant", "Hello!", "")],
-        )
-        await ask(
-            db, built, "mixed2", conversation=other_group, who=BOB, question="Bob here", status="cancelled"
-        )
-        dave = ("telegram", DAVE, DAVE)
-        await ask(
-            db,
-            built,
-            "old",
-            conversation=dave,
-            who=DAVE,
-            question="Old topic",
-            rounds=[("assistant", "Old.", "")],
-        )
+        for question in QUESTIONS:
+            await ask(db, built, *question)
         async with db.transaction() as session:
             await crud.reset_conversation(
-                session=session, conversation_id=built.conversations[":".join(dave)]
+                session=session, conversation_id=built.conversations[":".join(DAVE_CHAT)]
             )
-        await ask(
-            db,
-            built,
-            "new",
-            conversation=dave,
-            who=DAVE,
-            question="New topic",
-            rounds=[("assistant", "New.", "")],
-        )
+        await ask(db, built, "new", DAVE_CHAT, DAVE, "New topic", answer("New."))
         await rate(db, built.requests["slash"], "telegram", ALICE, 1)
         await rate(db, built.requests["slash"], "discord", BOB, -1)
         await rate(db, built.requests["slash"], "telegram", CAROL, 1)

@@ -67,11 +67,16 @@ async def engine(answer_folder: Path) -> AsyncIterator[tuple[LocalEngine, Record
         await local.aclose()
 
 
+@pytest.fixture
+async def core(engine: tuple[LocalEngine, RecordingTokenizer], make_settings: Any, core_factory: Any) -> Any:
+    """A core answering with the steered model, the calculator on."""
+    return await core_factory(make_settings(tools=["calculate"], max_new_tokens=16), engine[0])
+
+
 async def test_the_request_path_tokenizes_off_the_loop_and_each_message_once(
-    engine: tuple[LocalEngine, RecordingTokenizer], make_settings: Any, core_factory: Any
+    core: Any, engine: tuple[LocalEngine, RecordingTokenizer]
 ) -> None:
-    local, tokenizer = engine
-    core = await core_factory(make_settings(tools=["calculate"], max_new_tokens=16), local)
+    tokenizer = engine[1]
     loop_thread = threading.current_thread()
     questions = ["What is 6 times 7?", "And 7 times 8?", "Thanks, tell me a story"]
     encoded: list[set[str]] = []
@@ -90,10 +95,9 @@ async def test_the_request_path_tokenizes_off_the_loop_and_each_message_once(
 
 
 async def test_new_instructions_are_counted_off_the_loop(
-    engine: tuple[LocalEngine, RecordingTokenizer], make_settings: Any, core_factory: Any
+    core: Any, engine: tuple[LocalEngine, RecordingTokenizer]
 ) -> None:
-    local, tokenizer = engine
-    core = await core_factory(make_settings(tools=["calculate"], max_new_tokens=16), local)
+    tokenizer = engine[1]
     loop_thread = threading.current_thread()
     instructions = "You are a terse pirate. " * 150  # 3,600 characters: within the /system limit
     tokenizer.calls.clear()

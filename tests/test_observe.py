@@ -16,8 +16,8 @@ import shutil
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -26,13 +26,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.telegram_harness import running_bot, telegram_settings
 from tests.fakes.telegram_server import FakeTelegram
+from tests.hooks import ForwardCalls
 from tests.recording import RecordingAdapter, RecordingStream
 from tests.scripted_engine import ScriptedEngine
+from tests.test_i18n import said
 from yanray.bot.listener import StatusListener
 from yanray.bot.metrics import Metrics
 from yanray.bot.settings import Settings
-from yanray.bot.types import Incoming
 from yanray.engine.base import ChatMessage
+from yanray.storage import Database
 
 pytestmark = pytest.mark.asyncio
 
@@ -150,17 +152,12 @@ async def test_healthz_is_200_when_well_and_503_naming_an_unreachable_database(
     )
 
 
-async def test_healthz_gives_a_database_that_does_not_answer_a_time_limit(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@asynccontextmanager
+async def silent_database() -> AsyncIterator[tuple[Database, list[asyncio.StreamWriter]]]:
     """A PostgreSQL address where something accepts connections and never answers (a hung
-    server): the check gives up after HEALTH_TIMEOUT_S instead of hanging the healthcheck."""
+    server), with the connections it accepted so far."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from yanray.bot import listener as listener_module
-    from yanray.storage import Database
-
-    monkeypatch.setattr(listener_module, "HEALTH_TIMEOUT_S", 0.5)
     held: list[asyncio.StreamWriter] = []
 
     async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -170,14 +167,26 @@ async def test_healthz_gives_a_database_that_does_not_answer_a_time_limit(
     port = server.sockets[0].getsockname()[1]
     db = Database(create_async_engine(f"postgresql+asyncpg://yanray@127.0.0.1:{port}/yanray"))
     try:
-        async with StatusListener("127.0.0.1", 0, metrics=Metrics()) as listener:
-            listener.attach(engine=ScriptedEngine(), db=db, adapters=[])
-            status, _type, body = await get(listener, "/healthz")
+        yield db, held
     finally:
         for writer in held:
             writer.close()
         server.close()
         await db.close()
+
+
+async def test_healthz_gives_a_database_that_does_not_answer_a_time_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PostgreSQL address where something accepts connections and never answers (a hung
+    server): the check gives up after HEALTH_TIMEOUT_S instead of hanging the healthcheck."""
+    from yanray.bot import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "HEALTH_TIMEOUT_S", 0.5)
+    async with silent_database() as (db, _held):
+        async with StatusListener("127.0.0.1", 0, metrics=Metrics()) as listener:
+            listener.attach(engine=ScriptedEngine(), db=db, adapters=[])
+            status, _type, body = await get(listener, "/healthz")
     assert status == 503
     assert json.loads(body)["database"] == "no answer within 0.5 s"
 
@@ -188,31 +197,15 @@ async def test_a_flood_of_healthz_takes_one_connection_not_the_pool(
     """Anyone who reaches the listener may ask /healthz many times at once: the requests share
     one database check, so the pool keeps its connections for the bot (the silent server
     counts the connections the checks open)."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-
     from yanray.bot import listener as listener_module
-    from yanray.storage import Database
 
     monkeypatch.setattr(listener_module, "HEALTH_TIMEOUT_S", 1.0)
-    held: list[asyncio.StreamWriter] = []
-
-    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)  # accepted, never answered
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    db = Database(create_async_engine(f"postgresql+asyncpg://yanray@127.0.0.1:{port}/yanray"))
-    try:
+    async with silent_database() as (db, held):
         async with StatusListener("127.0.0.1", 0, metrics=Metrics()) as listener:
             listener.attach(engine=ScriptedEngine(), db=db, adapters=[])
             answers = await asyncio.gather(*(get(listener, "/healthz") for _ in range(20)))
             opened_by_flood = len(held)
             again = await get(listener, "/healthz")  # a later request checks anew
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await db.close()
     assert [(status, json.loads(body)["database"]) for status, _type, body in answers] == [
         (503, "no answer within 1 s")
     ] * 20
@@ -360,29 +353,17 @@ async def test_library_warnings_take_the_logs_form_once_each(form: str) -> None:
     }
 
 
-def incoming(text: str, user: str, language: str | None = None) -> Incoming:
-    return Incoming(
-        platform="test",
-        chat_id=user,
-        user_id=user,
-        display_name=user,
-        text=text,
-        route={"chat": user},
-        language=language,
-    )
-
-
 async def test_stats_answers_admins_in_their_language_and_refuses_others(
     make_settings: Callable[..., Settings], core_factory
 ) -> None:
     core = await core_factory(make_settings(tools=[], admins=["test:boss"]), ScriptedEngine(["Hi!"]))
     question = RecordingStream()
-    await core.dispatcher.handle(incoming("hello", "alice"), question)
+    await core.dispatcher.handle(said("hello", user="alice"), question)
     assert await question.wait() == "Hi!"
     await core.wait_idle()
 
     out = RecordingStream()
-    await core.dispatcher.handle(incoming("/stats", "boss"), out)
+    await core.dispatcher.handle(said("/stats", user="boss"), out)
     text = await out.wait()
     assert text is not None and text.startswith("📊 Yanray, up for 0 min")
     assert "Queue: 0 waiting, 0 of 1 being answered" in text
@@ -393,30 +374,14 @@ async def test_stats_answers_admins_in_their_language_and_refuses_others(
     assert "tokens/s over the last 5 min" in text
 
     chinese = RecordingStream()
-    await core.dispatcher.handle(incoming("/stats", "boss", language="zh-hans"), chinese)
+    await core.dispatcher.handle(said("/stats", user="boss", language="zh-hans"), chinese)
     shown = await chinese.wait()
     assert shown is not None and "队列" in shown and "Queue" not in shown
 
     refused = RecordingStream()
-    await core.dispatcher.handle(incoming("/stats", "alice"), refused)
+    await core.dispatcher.handle(said("/stats", user="alice"), refused)
     assert await refused.wait() == "Only Yanray's admins (YANRAY_ADMINS) can use /stats."
     assert core.engine.prompts == [core.engine.prompts[0]], "no command reached the model"
-
-
-class DecodeRows:
-    """The rows of every one-token (decode) forward call of the model."""
-
-    def __init__(self, model: Any) -> None:
-        self.seen: list[int] = []
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        ids = kwargs["input_ids"]
-        if ids.shape[1] == 1:
-            self.seen.append(int(ids.shape[0]))
-
-    def close(self) -> None:
-        self._handle.remove()
 
 
 async def test_engine_metrics_show_warm_hits_and_batch_occupancy(
@@ -431,14 +396,14 @@ async def test_engine_metrics_show_warm_hits_and_batch_occupancy(
     )
     try:
         core = await core_factory(make_settings(tools=[], max_new_tokens=20), engine)
-        rows = DecodeRows(engine.model)
+        rows = ForwardCalls(engine.model)
         first = [RecordingStream(), RecordingStream()]
-        await core.dispatcher.handle(incoming("Tell me about tea.", "alice"), first[0])
-        await core.dispatcher.handle(incoming("Tell me about rain.", "bob"), first[1])
+        await core.dispatcher.handle(said("Tell me about tea.", user="alice"), first[0])
+        await core.dispatcher.handle(said("Tell me about rain.", user="bob"), first[1])
         for out in first:
             await out.wait(60)
         again = RecordingStream()
-        await core.dispatcher.handle(incoming("And about coffee?", "alice"), again)
+        await core.dispatcher.handle(said("And about coffee?", user="alice"), again)
         await again.wait(60)
         await core.wait_idle()
         rows.close()
@@ -450,8 +415,8 @@ async def test_engine_metrics_show_warm_hits_and_batch_occupancy(
     assert found[("yanray_warm_cache_hits_total", ())] + found[("yanray_warm_cache_misses_total", ())] == 3
     assert found[("yanray_warm_cache_reused_tokens_total", ())] > 0
     assert found[("yanray_warm_cache_bytes", ())] > 0
-    assert found[("yanray_decode_steps_total", ())] == len(rows.seen) > 0
-    assert found[("yanray_decoded_rounds_total", ())] == sum(rows.seen)
+    assert found[("yanray_decode_steps_total", ())] == len(rows.decode_rows) > 0
+    assert found[("yanray_decoded_rounds_total", ())] == sum(rows.decode_rows)
     assert found[("yanray_batch_rounds", ())] == 0
     assert found[("yanray_batch_slots", ())] == 2
     assert found[("yanray_out_of_memory_total", ())] == 0
@@ -507,7 +472,7 @@ async def test_gpu_memory_is_scraped_from_the_local_engine_on_a_gpu(
     try:
         core = await core_factory(make_settings(tools=[], max_new_tokens=20), engine)
         out = RecordingStream()
-        await core.dispatcher.handle(incoming("Tell me about tea.", "alice"), out)
+        await core.dispatcher.handle(said("Tell me about tea.", user="alice"), out)
         await out.wait(60)
         await core.wait_idle()
         found = samples(core.metrics.render().decode())

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.hooks import ForwardCalls
 from tests.model_fixtures import (
     fixtures_dir,
     steer_chain,
@@ -33,20 +34,6 @@ CALC = ToolSpec(
     "/calculate <expression>",
 )
 ANSWER = "你好！我是 Yanray。"
-
-
-class FedTokens:
-    """Counts the token ids each forward call of the model is fed."""
-
-    def __init__(self, model: Any) -> None:
-        self.calls: list[int] = []
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        self.calls.append(int(kwargs["input_ids"].numel()))
-
-    def close(self) -> None:
-        self._handle.remove()
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +114,7 @@ async def test_a_warm_turn_prefills_exactly_its_new_tokens(
     answer_folder: Path, tok: ChatGLM3Tokenizer
 ) -> None:
     engine = next(_load(answer_folder, 1.0))
-    fed = FedTokens(engine.model)
+    fed = ForwardCalls(engine.model)
     try:
         first_prompt = [SYSTEM, ChatMessage("user", "你好")]
         session = await engine.start(first_prompt)
@@ -137,15 +124,15 @@ async def test_a_warm_turn_prefills_exactly_its_new_tokens(
 
         question = ChatMessage("user", "再见")
         second_prompt = [*first_prompt, ChatMessage("assistant", first.text), question]
-        fed.calls.clear()
+        fed.seen.clear()
         session = await engine.start(second_prompt)
         second = await session.generate(GenerateOptions(max_new_tokens=64))
         await session.close()
         new = tok.encode_append(question)  # the user's block and the assistant's role id
         assert second.text == ANSWER
         assert second.prompt_tokens == len(new)
-        assert fed.calls[0] == len(new)  # the prefill: the new tokens and nothing else
-        assert fed.calls[1:] == [1] * (second.new_tokens - 1)  # then one token per decode step
+        assert fed.tokens[0] == len(new)  # the prefill: the new tokens and nothing else
+        assert fed.tokens[1:] == [1] * (second.new_tokens - 1)  # then one token per decode step
         assert len(tok.encode_prompt(second_prompt)) - len(new) == len(tok.encode_prompt(first_prompt)) + len(
             tok.encode_text("\n") + tok.encode_text(ANSWER)
         )
@@ -245,7 +232,7 @@ async def test_through_the_worker_warm_replies_equal_cold_ones(
 
     async def chat(gb: float) -> tuple[list[str | None], int]:
         engine = next(_load(random_folder, gb))
-        fed = FedTokens(engine.model)
+        fed = ForwardCalls(engine.model)
         settings = make_settings(tools=["calculate"], max_new_tokens=6, database_url="")
         settings.data_dir = settings.data_dir / f"kv-{gb}"
         core = await core_factory(settings, engine)
@@ -258,7 +245,7 @@ async def test_through_the_worker_warm_replies_equal_cold_ones(
             answers.append(await retried.wait() if retried.answer is None else retried.answer)
             await ask(core, "/reset")
             answers.append(await (await ask(core, "Hello again", mid="9")).wait())
-            return answers, sum(fed.calls)
+            return answers, sum(fed.tokens)
         finally:
             fed.close()
             await core.aclose()

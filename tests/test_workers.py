@@ -15,7 +15,6 @@ import asyncio
 import os
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.telegram_server import FakeTelegram
 from tests.recording import RecordingAdapter
 from tests.scripted_engine import ScriptedEngine
-from tests.test_cli import env
+from tests.test_cli import env, spawn
 from tests.test_core import ask
 from tests.test_observe import samples
 from tests.waiting import until
@@ -99,17 +98,7 @@ async def workers(
                 YANRAY_HTTP_LISTEN=f"127.0.0.1:{status_port}",
                 **extra,
             )
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "yanray.bot.cli",
-                "run",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env=environ,
-                cwd=tmp_path,
-            )
+            process = await spawn(["run"], environ, tmp_path, pipe_in_out=False)
             worker = Worker(process, hook, f"http://127.0.0.1:{status_port}")
             worker.reader = asyncio.create_task(worker.read_log())
             started.append(worker)
