@@ -46,6 +46,7 @@ import asyncio
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -58,46 +59,37 @@ from yanray.bot.app import Core
 from yanray.bot.settings import Settings
 from yanray.bot.types import Incoming
 from yanray.engine.base import ChatMessage, FinishReason, GenerateOptions, Generation, TextCallback, ToolSpec
-from yanray.engine.fit import counting_fitter
 from yanray.storage import crud
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: its tests' engine
+from tests.scripted_engine import ScriptedEngine
 
 TARGET = 1.05
 FILLER = " Fine."
 CALL = "\n/calculate 6.5*7.5\n"
 
 
-class TimedEngine:
-    """An Engine that spends `round_time` per round, streamed in `pieces` sleeps."""
+class TimedEngine(ScriptedEngine):
+    """An Engine that spends `round_time` per round, streamed in `pieces` sleeps (the test
+    suite's scripted engine, for the protocol's plumbing: `count` and `fit` on a thread)."""
 
     name = "bench"
-    native_tools = False
-    max_context = 8192
 
     def __init__(self, *, round_time: float, pieces: int, tool_call: bool) -> None:
+        super().__init__(max_context=8192)
         self.round_time = round_time
         self.pieces = pieces
         self.tool_call = tool_call
         #: the engine's own seconds, by question tag (the first word of the user's message)
         self.spent: defaultdict[str, float] = defaultdict(float)
-        self.fitter = counting_fitter(self.count_tokens)
 
     def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
         return 2 + sum(4 + len(m.content) // 4 for m in messages)
 
-    async def count(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
-        return await asyncio.to_thread(self.count_tokens, list(messages), tools)
-
-    async def fit(
-        self, system: ChatMessage, history: Sequence[ChatMessage], tools: Sequence[ToolSpec], budget: int
-    ) -> list[ChatMessage]:
-        """The shared fitting rules (`engine/fit.py`) over `count_tokens`, on a thread."""
-        return await asyncio.to_thread(self.fitter.fit, system, list(history), tools, budget)
-
-    async def start(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> TimedSession:
+    async def start(  # type: ignore[override]
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> TimedSession:
         return TimedSession(self, messages)
-
-    async def aclose(self) -> None:
-        pass
 
 
 class TimedSession:
