@@ -25,6 +25,7 @@ from aiohttp import web
 
 from tests.scripted_engine import ScriptedEngine
 from tests.test_toolloop import NativeSession
+from tests.waiting import until
 from yanray.adapters.console import ConsoleAdapter
 from yanray.bot.errors import ConfigError, ToolError
 from yanray.bot.settings import Settings, load_settings
@@ -372,7 +373,7 @@ async def test_hostile_html_is_a_one_line_observation_in_time_on_a_bounded_pool(
             asyncio.create_task(loop.run(await engine.start([]), options=GenerateOptions))
             for engine in engines
         ]
-        await asyncio.sleep(0.5)  # the extraction has begun: other to_thread users are not kept waiting
+        await until(lambda: busy, within=30, what="an extraction begins")  # then: to_thread is still free
         begun = time.monotonic()
         await asyncio.to_thread(time.sleep, 0)
         assert time.monotonic() - begun < 1.0

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from tests.recording import RecordingStream
 from tests.scripted_engine import ScriptedEngine
+from tests.waiting import until
 from yanray.adapters.console import ConsoleAdapter
 from yanray.bot import people
 from yanray.bot.app import Core
@@ -141,11 +142,11 @@ async def test_deny_refuses_allow_answers_and_both_survive_a_restart(make_settin
 
 async def follows(core: Core, who: str, allowed: bool, within: float = 5.0) -> None:
     """Until `core` lets `who` in (or not), failing after `within` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while await core.dispatcher.people.allowed(who) != allowed:
-        assert loop.time() < deadline, f"{who} not {'allowed' if allowed else 'denied'} within {within:g} s"
-        await asyncio.sleep(0.02)
+
+    async def followed() -> bool:
+        return await core.dispatcher.people.allowed(who) == allowed
+
+    await until(followed, within=within, what=f"{who} {'allowed' if allowed else 'denied'}", every=0.02)
 
 
 async def test_another_process_on_the_database_follows_allow_and_deny(

@@ -3,7 +3,6 @@ fake Discord gateway (MESSAGE_REACTION_ADD/REMOVE), the real core and database."
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -23,12 +22,11 @@ fake, make_bot = test_discord.fake, test_discord.make_bot
 
 async def rated(core: Core, expected: list[tuple[int, str, str, int]], within: float = 5.0) -> None:
     """Until the stored ratings are `expected` (a reaction is stored once its event is handled)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while (found := await ratings(core)) != expected:
-        if loop.time() > deadline:
-            raise AssertionError(f"ratings {found}, expected {expected}")
-        await asyncio.sleep(0.01)
+
+    async def stored() -> bool:
+        return await ratings(core) == expected
+
+    await until(stored, within=within, what=f"ratings {expected}", every=0.01)
 
 
 async def test_discord_reactions_rate_the_answer_and_two_people_give_two_rows(

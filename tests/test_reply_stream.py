@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from tests.waiting import until
 from yanray.adapters.sink import (
     Blocked,
     Flood,
@@ -106,14 +106,6 @@ class Recorder:
 
     async def __call__(self, value: Any) -> None:
         self.values.append(value)
-
-
-async def until(predicate: Callable[[], object], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the sink to show it")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture

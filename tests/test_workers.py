@@ -147,15 +147,14 @@ async def stored_when(
     database_url: str, condition: Callable[[list[dict[str, Any]]], bool], *, within: float, what: str
 ) -> list[dict[str, Any]]:
     """The stored requests once `condition` holds for them; fails the test after `within` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        stored = await rows(database_url)
-        if condition(stored):
-            return stored
-        if loop.time() >= deadline:
-            raise AssertionError(f"not met within {within:g} s: {what}; stored: {stored}")
-        await asyncio.sleep(0.05)
+    stored: list[dict[str, Any]] = []
+
+    async def met() -> bool:
+        stored[:] = await rows(database_url)
+        return condition(stored)
+
+    await until(met, within=within, what=what, every=0.05)
+    return stored
 
 
 def answer_to(messages: list[dict[str, Any]]) -> str:
