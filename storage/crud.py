@@ -297,8 +297,22 @@ async def finish_request(
 async def set_shown(*, session: AsyncSession, request_id: int, shown: Any) -> None:
     """Store what the request's stream shows (a list of [message handle, digest]), and index
     its messages (`AnswerMessage`) so that a reaction on one finds this answer. A handle that
-    is no message id (Discord's "@original" slash-command response) is not indexed."""
+    is no message id (Discord's "@original" slash-command response) is not indexed. Most
+    updates only change a digest (an edit of the text): the index is rewritten only when the
+    set of messages changed."""
     await session.execute(update(Request).where(Request.id == request_id).values(shown=shown))
+    handles = sorted(
+        {
+            str(item[0])
+            for item in (shown if isinstance(shown, list) else ())
+            if isinstance(item, list | tuple) and item and str(item[0]).isdigit() and len(str(item[0])) <= 64
+        }
+    )
+    indexed = await session.scalars(
+        select(AnswerMessage.message_id).where(AnswerMessage.request_id == request_id)
+    )
+    if sorted(indexed) == handles:
+        return
     place = (
         await session.execute(
             select(Conversation.platform, Conversation.chat_id)
@@ -309,13 +323,6 @@ async def set_shown(*, session: AsyncSession, request_id: int, shown: Any) -> No
     if place is None:
         return
     platform, chat_id = place
-    handles = sorted(
-        {
-            str(item[0])
-            for item in (shown if isinstance(shown, list) else ())
-            if isinstance(item, list | tuple) and item and str(item[0]).isdigit() and len(str(item[0])) <= 64
-        }
-    )
     await session.execute(delete(AnswerMessage).where(AnswerMessage.request_id == request_id))
     if not handles:
         return
