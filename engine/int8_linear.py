@@ -18,6 +18,11 @@ Forward, where the design is silent:
   (a slice of output rows, ≤ 64 MB in 16-bit), matmul, then scale the output columns; a
   matrix larger than that (the 6B's gate_up and down, lm_head) is never dequantized whole.
 - scales are kept in the compute dtype (the kernel requires it); biases too.
+- operands of the fused kernel are on a 64-byte boundary (`ALIGNMENT`): on an AVX512 CPU
+  torch's kernel reads them with aligned vector loads, and a weight that is a view into a
+  file's bytes or an input that is a view into a larger tensor crashed the process with a
+  segmentation fault (docs/decisions/int8-fused-kernel-rows.md). `set_kernel` copies a
+  misaligned weight once; a misaligned input (a few rows) is copied per call.
 - inside a compiled decode step (`engine/compiled.py`), `compiled_kernel` "fused" is the
   plain `F.linear(x, w.to(x.dtype)) * scale`, which inductor fuses into one kernel that reads
   the int8 weight (gpt-fast's recipe); `pick_compiled_int8` measures it against
@@ -42,6 +47,8 @@ Kernel = Literal["int8pack", "dequant"]
 QMAX = 127
 #: weight elements dequantized at once on the fallback path (32M: 64 MB in bf16)
 DEQUANT_CHUNK = 1 << 25
+#: bytes to which the fused kernel's operands are aligned (an AVX512 cache line)
+ALIGNMENT = 64
 #: rows (tokens) up to which the fused kernel is used, by compute dtype
 PACK_MAX_ROWS = {torch.float32: 1, torch.float16: 16, torch.bfloat16: 16}
 
@@ -223,7 +230,10 @@ class Int8Linear(nn.Module):
         if self.compiled_kernel == "fused" and torch.compiler.is_compiling():
             y = F.linear(x2, self.weight.to(x.dtype)) * scale
         elif self.kernel == "int8pack" and x2.shape[0] <= PACK_MAX_ROWS.get(x.dtype, 0):
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, scale)
+            x2 = x2.contiguous()
+            if not torch.compiler.is_compiling() and not is_aligned(x2):
+                x2 = x2.clone()
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, scale)
         else:
             y = _reference_matmul(x2, self.weight, scale)
         if self.bias is not None:
@@ -285,11 +295,24 @@ def convert_for_runtime(model: nn.Module, names: Iterable[str], *, dtype: torch.
         setattr(parent, child, new)
 
 
+def is_aligned(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` starts on an `ALIGNMENT`-byte boundary."""
+    return tensor.data_ptr() % ALIGNMENT == 0
+
+
 def set_kernel(model: nn.Module, kernel: Kernel) -> int:
-    """Use `kernel` in every `Int8Linear` of `model`; returns how many there are."""
+    """Use `kernel` in every `Int8Linear` of `model`; returns how many there are.
+
+    For the fused kernel, a weight or scale that is not contiguous on an `ALIGNMENT`-byte
+    boundary (loaded as a view into a file's bytes) is copied once into memory that is."""
     count = 0
     for module in model.modules():
         if isinstance(module, Int8Linear):
             module.kernel = kernel
+            if kernel == "int8pack":
+                for name in ("weight", "weight_scale"):
+                    tensor = getattr(module, name)
+                    if not (tensor.is_contiguous() and is_aligned(tensor)):
+                        module.register_buffer(name, tensor.clone(memory_format=torch.contiguous_format))
             count += 1
     return count

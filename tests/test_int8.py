@@ -268,3 +268,27 @@ def test_int8_linear_kernels_agree(dtype: torch.dtype, rows: int, monkeypatch: p
     for got in results:
         assert got.shape == (2, rows, 300) and got.dtype == dtype
         assert float((got.float() - want).abs().max()) <= tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_kernel_gets_aligned_operands_from_views(dtype: torch.dtype) -> None:
+    """A weight loaded as a view into a file's bytes, and an input that is a view into a larger
+    tensor, start off a 64-byte boundary; on an AVX512 CPU torch's fused kernel crashed the
+    process on such operands (a segmentation fault in test_half_precision_compute)."""
+    gen = torch.Generator().manual_seed(0)
+    qweight, scale = quantize_rows(torch.randn(96, 64, generator=gen) * 0.05)
+    raw = torch.empty(qweight.numel() + 8, dtype=torch.int8)
+    raw[8:] = qweight.flatten()
+    layer = Int8Linear(64, 96, bias=False, dtype=dtype)
+    layer.load_state_dict({"weight": raw[8:].view(96, 64), "weight_scale": scale.to(dtype)}, assign=True)
+    assert layer.weight.data_ptr() % 64 != 0
+    set_kernel(layer, pick_kernel(CPU, dtype))
+    assert layer.kernel == "int8pack"
+    assert layer.weight.data_ptr() % 64 == 0 and torch.equal(layer.weight, qweight)
+    buffer = torch.randn(2 * 64 + 1, generator=gen).to(dtype)
+    x = buffer[1:].view(2, 64)  # one element past an aligned start
+    want = torch.nn.functional.linear(x.float(), qweight.float() * scale[:, None])
+    for rows in (x[:1], x):  # the fused kernel's rows in fp32 (1) and in bf16 (up to 16)
+        got = layer(rows)
+        tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+        assert float((got.float() - want[: rows.shape[0]]).abs().max()) <= tolerance
